@@ -1,0 +1,209 @@
+"""Building blocks shared by every family: projections, norms, RoPE, attention, MLP.
+
+Dimension letters used in names and einsum strings: b batch, t query length,
+s key length, e embed, h query heads, k kv heads, g query heads per kv head,
+d head dim, m mlp, v vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from imitax.models.config import TransformerConfig
+from imitax.sharding import constrain
+
+INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    if init == "normal":
+        value = jax.random.normal(rngs.params(), shape, dtype) * INIT_STD
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(init)
+    return nnx.Param(value.astype(dtype), axes=tuple(axes))
+
+
+class Proj(nnx.Module):
+    """A projection ``einsum(eq, x, kernel) + bias`` with logically named axes.
+
+    Args:
+      shape, axes: kernel shape and its logical names.
+      out_ndim: how many trailing kernel dims are outputs (the bias shape).
+      bias: whether to add a bias.
+    """
+
+    def __init__(
+        self, shape: Sequence[int], axes: Sequence[str], *, out_ndim: int, bias: bool, param_dtype, rngs: nnx.Rngs
+    ):
+        self.kernel = _param(rngs, tuple(shape), axes, param_dtype)
+        self.bias = _param(rngs, tuple(shape[-out_ndim:]), axes[-out_ndim:], param_dtype, "zeros") if bias else None
+
+    def __call__(self, eq: str, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(eq, x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale), computed in float32."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        e = cfg.hidden_size
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = _param(rngs, (e,), ("norm",), cfg.param_dtype, "ones")
+        self.bias = _param(rngs, (e,), ("norm",), cfg.param_dtype, "zeros") if cfg.norm == "layernorm" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "rmsnorm":
+            x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+            # Like transformers' LlamaRMSNorm: cast back before the scale multiplies.
+            return self.scale[...].astype(dtype) * x.astype(dtype)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        x = x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return x.astype(dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=(name == "gelu_tanh"))
+
+
+# -- rotary position embeddings ----------------------------------------------------
+
+
+def rope_inv_freq(cfg: TransformerConfig) -> np.ndarray:
+    """Inverse frequencies of the rotary dims, with llama3 or linear scaling applied."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: Sequence[float]) -> jax.Array:
+    """Rotate-half RoPE on the first ``2 * len(inv_freq)`` dims of each head."""
+    inv_freq = np.asarray(inv_freq, np.float32)
+    rot = 2 * inv_freq.shape[0]
+    freqs_btf = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    emb_btr = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
+    cos = jnp.cos(emb_btr)[:, :, None, :].astype(x_bthd.dtype)
+    sin = jnp.sin(emb_btr)[:, :, None, :].astype(x_bthd.dtype)
+    x_rot, x_pass = x_bthd[..., :rot], x_bthd[..., rot:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+# -- attention -------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with an optional KV cache."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        common = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+        self.q_proj = Proj((e, h, d), ("embed", "heads", "head_dim"), out_ndim=2, bias=cfg.qkv_bias, **common)
+        self.k_proj = Proj((e, k, d), ("embed", "kv_heads", "head_dim"), out_ndim=2, bias=cfg.qkv_bias, **common)
+        self.v_proj = Proj((e, k, d), ("embed", "kv_heads", "head_dim"), out_ndim=2, bias=cfg.qkv_bias, **common)
+        self.o_proj = Proj((h, d, e), ("heads", "head_dim", "embed"), out_ndim=1, bias=cfg.out_bias, **common)
+        # A tuple, not an array: NNX keeps plain Python values as static structure.
+        self.inv_freq = tuple(rope_inv_freq(cfg).tolist()) if cfg.position == "rope" else None
+        self.num_kv_heads = k
+
+    def __call__(self, x_bte, positions_bt, mask_bts, scale, kv_cache=None, cache_index=None):
+        """Attends ``x`` to itself (and to the cached keys when ``kv_cache`` is given).
+
+        Args:
+          x_bte: input activations.
+          positions_bt: position of each query token (for RoPE).
+          mask_bts: which keys each query may attend to (s = t without a cache,
+            s = cache length with one).
+          scale: the softmax scale (a traced scalar: GPT-2 scales per layer).
+          kv_cache: ``(k_bskd, v_bskd)`` of this layer, or None.
+          cache_index: where the new keys go in the cache.
+
+        Returns:
+          ``(out_bte, new_kv_cache)``.
+        """
+        q_bthd = constrain(self.q_proj("bte,ehd->bthd", x_bte), ("act_batch", "act_len", "act_heads", None))
+        k_btkd = constrain(self.k_proj("bte,ekd->btkd", x_bte), ("act_batch", "act_len", "act_kv_heads", None))
+        v_btkd = constrain(self.v_proj("bte,ekd->btkd", x_bte), ("act_batch", "act_len", "act_kv_heads", None))
+        if self.inv_freq is not None:
+            q_bthd = apply_rope(q_bthd, positions_bt, self.inv_freq)
+            k_btkd = apply_rope(k_btkd, positions_bt, self.inv_freq)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            start = (0, cache_index, 0, 0)
+            k_bskd = jax.lax.dynamic_update_slice(k_cache, k_btkd.astype(k_cache.dtype), start)
+            v_bskd = jax.lax.dynamic_update_slice(v_cache, v_btkd.astype(v_cache.dtype), start)
+            kv_cache = (k_bskd, v_bskd)
+            k_bskd, v_bskd = k_bskd.astype(x_bte.dtype), v_bskd.astype(x_bte.dtype)
+        else:
+            k_bskd, v_bskd = k_btkd, v_btkd
+        out_bthd = dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale)
+        return self.o_proj("bthd,hde->bte", out_bthd), kv_cache
+
+
+def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale):
+    """Softmax attention with grouped KV heads; logits and softmax in float32."""
+    b, t, h, d = q_bthd.shape
+    k = k_bskd.shape[2]
+    q_btkgd = q_bthd.reshape(b, t, k, h // k, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+    return out_btkgd.reshape(b, t, h, d)
+
+
+class MLP(nnx.Module):
+    """``down(act(up(x)))``, or the gated ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        e, m = cfg.hidden_size, cfg.mlp_dim
+        common = dict(out_ndim=1, bias=cfg.mlp_bias, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.gate_proj = Proj((e, m), ("embed", "mlp"), **common) if cfg.gated_mlp else None
+        self.up_proj = Proj((e, m), ("embed", "mlp"), **common)
+        self.down_proj = Proj((m, e), ("mlp", "embed"), **common)
+        self.activation = cfg.activation
+
+    def __call__(self, x_bte):
+        h_btm = self.up_proj("bte,em->btm", x_bte)
+        if self.gate_proj is not None:
+            h_btm = activation(self.activation, self.gate_proj("bte,em->btm", x_bte)) * h_btm
+        else:
+            h_btm = activation(self.activation, h_btm)
+        h_btm = constrain(h_btm, ("act_batch", "act_len", "act_mlp"))
+        return self.down_proj("btm,me->bte", h_btm)
