@@ -85,16 +85,16 @@ def init_model(cfg: TransformerConfig, *, mesh: jax.sharding.Mesh | None = None,
     the initializer runs under ``jax.jit`` with those output shardings, so no
     host ever holds the full weights.
     """
-    if mesh is None:
-        return Transformer(cfg, rngs=nnx.Rngs(seed))
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
-    shardings = sharding.state_shardings(abstract_state, mesh)
 
-    @jax.jit
+    # Jitted even without a mesh, so that a sharded and an unsharded init of the
+    # same seed give bitwise-identical weights.
     def init():
         return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
 
-    init = jax.jit(init.__wrapped__, out_shardings=shardings)
+    if mesh is None:
+        return nnx.merge(graphdef, jax.jit(init)())
+    shardings = sharding.state_shardings(abstract_state, mesh)
     with jax.set_mesh(mesh):
-        state = init()
+        state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
