@@ -1,0 +1,95 @@
+"""Training checkpoints with Orbax: asynchronous, rotated, resumable, corruption-tolerant.
+
+Each step directory ``WORKDIR/checkpoints/<step>/`` holds the items
+
+    params/       the model parameters (same layout as an imitax checkpoint)
+    model_config/ the model config (JSON)
+    train_state/  optimizer state, step and RNG
+    data/         the data position and the run's fingerprint (JSON)
+
+so a step directory is itself an imitax checkpoint: ``scripts/convert.py
+--export --ckpt=WORKDIR`` exports the latest one, and ``--config.init_from``
+accepts it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from imitax.train.state import TrainState
+
+ITEMS = ("params", "model_config", "train_state", "data")
+
+
+def manager(workdir: str, *, save_every: int, keep: int, keep_period: int | None) -> ocp.CheckpointManager:
+    """The run's checkpoint manager: async saves, last ``keep`` kept plus every ``keep_period``-th."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(save_every, 1),
+        max_to_keep=keep,
+        keep_period=keep_period or None,
+        enable_async_checkpointing=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options, item_names=ITEMS)
+
+
+def save(mgr: ocp.CheckpointManager, state: TrainState, model_config: dict, data: dict, *, force: bool = False) -> bool:
+    """Starts an asynchronous save of ``state`` at its step; returns whether one started."""
+    step = int(state.step)
+    rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    return mgr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            model_config=ocp.args.JsonSave(model_config),
+            train_state=ocp.args.StandardSave(rest),
+            data=ocp.args.JsonSave(data),
+        ),
+        force=force,
+    )
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract: TrainState) -> tuple[TrainState, dict] | None:
+    """The newest checkpoint that restores cleanly, or None when there is none.
+
+    Orbax only lists finalized steps (a save interrupted before its atomic commit
+    is invisible). A committed step that fails to restore (a truncated or
+    damaged file) is reported and the next older one is tried.
+    """
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            rest = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
+            restored = mgr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract.params),
+                    train_state=ocp.args.StandardRestore(rest),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+            logging.warning(
+                "checkpoint at step %d cannot be restored (%s: %s); trying an older one", step, type(e).__name__, e
+            )
+            continue
+        ts = restored["train_state"]
+        state = TrainState(step=ts["step"], params=restored["params"], opt_state=ts["opt_state"], rng=ts["rng"])
+        return state, restored["data"]
+    return None
+
+
+def latest_step_dir(workdir: str) -> epath.Path | None:
+    """The directory of the newest finalized checkpoint of a training workdir."""
+    root = epath.Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").is_dir())
+    return root / str(steps[-1]) if steps else None
+
+
+def read_json_item(step_dir: epath.Path, item: str) -> Any:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)

@@ -1,0 +1,330 @@
+"""The training loop: ``run(config, workdir)``.
+
+Reads top to bottom: set-up (devices, workdir, tokenizer, data, model, state),
+then the loop (batch -> step -> metrics -> validation -> checkpoint), then the
+final save. Rerunning the same command on the same workdir resumes from the
+newest good checkpoint and continues bitwise identically: the data order is a
+function of (seed, step) and the checkpoint holds everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from imitax import convert, distributed, models, sharding
+from imitax.data import DataConfig, PackedBatches, build_datasets
+from imitax.train import checkpointing, metrics, optim
+from imitax.train import state as train_state
+from imitax.train import step as train_step
+
+# Config keys that may differ when a run is resumed (they do not change what is computed).
+RESUMABLE_KEYS = (
+    "total_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "keep_every",
+    "log_every",
+    "eval_every",
+    "resume",
+    "overwrite",
+    "distributed",
+    "progress",
+)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad input or a diverged loss); the message says why."""
+
+
+# -- set-up helpers ---------------------------------------------------------------------------------
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """Refuses a workdir that holds a run of a different config (unless told otherwise)."""
+    saved_path = workdir / "run_config.json"
+    current = json.loads(config.to_json())
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        changed = sorted(
+            k for k in set(saved) | set(current) if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k)
+        )
+        if changed and config.overwrite:
+            backup = workdir.parent / f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            if jax.process_index() == 0:
+                workdir.rename(backup)
+            multihost_utils.sync_global_devices("imitax_workdir_moved")
+            logging.warning("config.overwrite: the previous run in %s was moved to %s", workdir, backup)
+        elif changed and not config.resume:
+            raise TrainingError(
+                f"{workdir} holds a run with a different config (differing keys: {', '.join(changed)}). "
+                "Use another --workdir, --config.resume=True to continue it with the new config, or "
+                "--config.overwrite=True to move the old run aside and start over."
+            )
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / "run_config.json.tmp"
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        tmp.rename(saved_path)
+
+
+def _resolve_init(init_from: str) -> tuple[str, epath.Path]:
+    """``('hf'|'imitax', path)`` for an HF directory, an imitax checkpoint or a training workdir."""
+    path = epath.Path(init_from)
+    if (path / "checkpoints").is_dir():
+        step_dir = checkpointing.latest_step_dir(str(path))
+        if step_dir is None:
+            raise TrainingError(f"init_from={init_from}: the training workdir has no finished checkpoint")
+        return "imitax", step_dir
+    if (path / "params").is_dir() and (path / "model_config").is_dir():
+        return "imitax", path
+    if (path / "config.json").exists():
+        return "hf", path
+    raise TrainingError(
+        f"init_from={init_from} is neither a Hugging Face model directory (config.json + safetensors), "
+        "an imitax checkpoint (params/ + model_config/) nor a training workdir (checkpoints/)"
+    )
+
+
+def _tokenizer_source(config, kind: str | None, init_path: epath.Path | None) -> epath.Path:
+    if config.tokenizer:
+        return epath.Path(config.tokenizer)
+    if kind == "hf":
+        return init_path
+    if kind == "imitax":
+        for candidate in (init_path / "tokenizer", init_path.parent.parent / "tokenizer"):
+            if candidate.is_dir():
+                return candidate
+    raise TrainingError("no tokenizer: set --config.tokenizer=DIR (a Hugging Face tokenizer directory)")
+
+
+def _load_model(config, mesh) -> tuple[models.Transformer, str | None, epath.Path | None]:
+    options = dict(dtype=config.dtype, remat=config.remat, scan_layers=config.scan_layers)
+    if not config.init_from:
+        overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
+        cfg = models.preset(config.model, param_dtype=config.param_dtype, **options, **overrides)
+        return models.init_model(cfg, mesh=mesh, seed=config.seed), None, None
+    kind, path = _resolve_init(config.init_from)
+    if kind == "hf":
+        model = convert.load_hf(path, mesh=mesh, dtype=config.param_dtype)
+    else:
+        model = convert.load_checkpoint(path, mesh=mesh, dtype=config.param_dtype)
+    # Run-time options only: the graph (and the parameters) stay as loaded.
+    model.cfg = model.cfg.replace(**options)
+    return model, kind, path
+
+
+def _data_config(config, workdir: epath.Path) -> DataConfig:
+    d = config.data
+    if not d.train:
+        raise TrainingError("no training data: set --config.data.train=PATHS (comma-separated) or hf:NAME")
+    val = d.val_examples
+    return DataConfig(
+        train=tuple(s for s in d.train.split(",") if s),
+        format=d.format,
+        template=d.template,
+        token_budget=d.token_budget or None,
+        seq_len=config.seq_len,
+        packing=d.packing,
+        skip_invalid=d.skip_invalid,
+        cache_dir=d.cache_dir or str(workdir / "token_cache"),
+        val_examples=int(val) if float(val).is_integer() else float(val),
+        seed=config.seed,
+    )
+
+
+def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked between steps (all processes agree on it)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def check(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains as ``config`` says, in ``workdir``; returns the final metrics.
+
+    Raises:
+      TrainingError: bad input, a workdir of another run, or a non-finite loss.
+    """
+    distributed.initialize(config.distributed)
+    workdir_path = epath.Path(workdir)
+    _check_workdir(config, workdir_path)
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
+
+    # Model, tokenizer, data.
+    with jax.set_mesh(mesh):
+        model, kind, init_path = _load_model(config, mesh)
+    cfg = model.cfg
+    import transformers
+
+    tok_dir = _tokenizer_source(config, kind, init_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    if len(tokenizer) > cfg.vocab_size:
+        raise TrainingError(
+            f"the tokenizer in {tok_dir} has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{cfg.vocab_size}: they do not belong together"
+        )
+    if jax.process_index() == 0 and not (workdir_path / "tokenizer").exists():
+        convert.checkpoint.copy_tokenizer(tok_dir, workdir_path / "tokenizer")
+
+    data_cfg = _data_config(config, workdir_path)
+    splits = build_datasets(data_cfg, tokenizer, progress=jax.process_index() == 0)
+    batches = PackedBatches(splits.train, config.seq_len, config.batch_size, config.seed, data_cfg.packing)
+    total_steps = config.total_steps if config.total_steps > 0 else batches.steps_per_epoch
+    logging.info("data: %s; packed: %s; training %d steps", splits.stats, batches.stats, total_steps)
+
+    # Optimizer, state, compiled step.
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % (n_batch_shards * config.grad_accum_steps):
+        raise TrainingError(
+            f"batch_size={config.batch_size} must be divisible by data*fsdp={n_batch_shards} times "
+            f"grad_accum_steps={config.grad_accum_steps}"
+        )
+    optimizer, schedule = optim.make_optimizer(config.optimizer, total_steps)
+    graphdef = nnx.graphdef(model)
+    shardings = train_state.state_shardings(model, optimizer, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    mgr = checkpointing.manager(
+        str(workdir_path),
+        save_every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        keep_period=config.keep_every,
+    )
+    data_info = {"fingerprint": splits.stats.get("cache", ""), "seed": config.seed}
+    with jax.set_mesh(mesh):
+        restored = checkpointing.restore_latest(mgr, train_state.abstract_train_state(model, optimizer, shardings))
+        if restored is None:
+            state = train_state.create_train_state(model, optimizer, shardings, config.seed)
+        else:
+            state, _ = restored
+            logging.info("resumed from step %d", int(state.step))
+        del model  # the train state owns the parameters now
+        step_fn = train_step.jit_train_step(
+            train_step.make_train_step(graphdef, optimizer, schedule, config.grad_accum_steps),
+            shardings,
+            batch_sharding,
+        )
+        eval_fn = jax.jit(train_step.make_eval_step(graphdef))
+
+    flops_per_token = metrics.train_flops_per_token(cfg, config.seq_len)
+    peak, peak_source = metrics.peak_flops_per_second()
+    logging.info("MFU is measured against %.1f TFLOP/s (%s)", peak / 1e12, peak_source)
+    writer = metrics.MetricsWriter(str(workdir_path))
+    preemption = _Preemption()
+    model_config = cfg.to_dict()
+    start_step = int(state.step)
+    progress = None
+    if jax.process_index() == 0 and config.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step")
+
+    def save(force: bool) -> None:
+        checkpointing.save(mgr, state, model_config, {**data_info, "step": int(state.step)}, force=force)
+
+    # The loop.
+    last = {}
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start_step, total_steps):
+                local = batches.batch_at(step, jax.process_index(), jax.process_count())
+                state, step_metrics = step_fn(state, _global_batch(local, batch_sharding))
+                loss = float(step_metrics["loss"])  # also the per-step divergence check
+                if not np.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss} at step {step + 1}; stopping without saving "
+                        f"(the last good checkpoint is kept: {mgr.latest_step()})"
+                    )
+                window_steps += 1
+                done = step + 1
+                if done % config.log_every == 0 or done == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * config.batch_size * config.seq_len / elapsed
+                    last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    last |= {
+                        "step_time_s": elapsed / window_steps,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * flops_per_token / peak,
+                    }
+                    writer.write(done, last)
+                    window_start, window_steps = time.perf_counter(), 0
+                if (
+                    splits.val is not None
+                    and config.eval_every
+                    and (done % config.eval_every == 0 or done == total_steps)
+                ):
+                    val = _validate(eval_fn, state.params, splits.val, config, batch_sharding)
+                    writer.write(done, val)
+                    last |= val
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                save(force=False)
+                if preemption.check():
+                    save(force=True)
+                    mgr.wait_until_finished()
+                    logging.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
+                    return {"preempted": True, "step": done, **last}
+            if mgr.latest_step() != int(state.step):
+                save(force=True)
+            mgr.wait_until_finished()
+    finally:
+        preemption.restore()
+        writer.close()
+        if progress is not None:
+            progress.close()
+        mgr.close()
+    return {"step": int(state.step), **last}
+
+
+def _validate(eval_fn, params, dataset, config, batch_sharding) -> dict[str, float]:
+    """Loss and accuracy over (up to ``config.eval_batches``) batches of the held-out split."""
+    batches = PackedBatches(dataset, config.seq_len, config.batch_size, config.seed, config.data.packing)
+    n = min(batches.steps_per_epoch, config.eval_batches or batches.steps_per_epoch)
+    totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+    for i in range(n):
+        local = batches.batch_at(i, jax.process_index(), jax.process_count())
+        out = jax.device_get(eval_fn(params, _global_batch(local, batch_sharding)))
+        totals = {k: totals[k] + float(out[k]) for k in totals}
+    tokens = max(totals["tokens"], 1.0)
+    return {"val_loss": totals["loss_sum"] / tokens, "val_accuracy": totals["correct"] / tokens}
+
+
+def clear_workdir(workdir: str) -> None:
+    """Deletes a workdir (tests and scripts that start over on purpose)."""
+    if os.path.isdir(workdir):
+        shutil.rmtree(workdir)

@@ -1,0 +1,116 @@
+"""Optimizers and learning-rate schedules, all through Optax.
+
+``make_optimizer(cfg)`` reads an ``ml_collections`` / dataclass-like config with
+fields ``name``, ``lr``, ``schedule``, ``warmup_steps``, ``weight_decay``,
+``b1``, ``b2``, ``clip_norm`` and returns ``(optax transformation, schedule)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("adamw", "paper", "lion")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def make_schedule(lr: float, schedule: str, warmup_steps: int, total_steps: int, final_fraction: float = 0.0):
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant, cosine or linear decay.
+
+    The decays reach ``final_fraction * lr`` at ``total_steps``.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=final_fraction)
+    else:
+        after = optax.linear_schedule(lr, lr * final_fraction, decay_steps)
+    if warmup_steps <= 0:
+        return after
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on weight matrices and embeddings, not on biases or norm scales.
+
+    Decided by name, not by ``ndim``: stacked layer parameters give every bias
+    and norm scale an extra leading ``layers`` dimension.
+    """
+
+    def decays(path, _):
+        last = path[-1]
+        name = str(getattr(last, "key", getattr(last, "name", last)))
+        return name not in ("bias", "scale")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _scheduled_decoupled_weight_decay(schedule: Callable, rate: float) -> optax.GradientTransformation:
+    """``update -= schedule(step) * rate * param`` (decoupled, scaled by the learning rate).
+
+    Optax's adafactor applies ``weight_decay_rate`` before its learning-rate
+    scaling, which makes it scale-dependent; the study's reference code (EasyLM)
+    added this learning-rate-scheduled decay after the optimizer instead.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(rate),
+        optax.scale_by_schedule(lambda step: -schedule(step)),
+    )
+
+
+def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """The optimizer named by ``cfg.name`` and its learning-rate schedule.
+
+    - ``adamw``: Adam with decoupled weight decay, global-norm clipping.
+    - ``paper``: the study's optimizer, as its reference code built it: global-norm
+      clipping, then unfactored Adafactor with momentum ``b1``, ``decay_rate=b2``
+      (Optax reads it as the exponent of the second-moment decay schedule
+      ``1 - t^-b2``, as EasyLM passed it) and ``multiply_by_parameter_scale``
+      (updates scaled by each weight's RMS: "AdamW with gradients re-scaled by the
+      magnitude of each weight"), then learning-rate-scheduled decoupled decay.
+    - ``lion``: Lion with decoupled weight decay, global-norm clipping.
+    """
+    name = cfg.name
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    schedule = make_schedule(
+        cfg.lr, cfg.schedule, cfg.warmup_steps, total_steps, getattr(cfg, "final_lr_fraction", 0.0)
+    )
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
+    mu_dtype = jnp.dtype(getattr(cfg, "mu_dtype", "float32"))
+    if name == "adamw":
+        opt = optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=getattr(cfg, "eps", 1e-8),
+            mu_dtype=mu_dtype,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    elif name == "lion":
+        opt = optax.lion(
+            schedule, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype, weight_decay=cfg.weight_decay, mask=decay_mask
+        )
+    else:
+        opt = optax.chain(
+            optax.adafactor(
+                learning_rate=schedule,
+                multiply_by_parameter_scale=True,
+                momentum=cfg.b1,
+                decay_rate=cfg.b2,
+                factored=False,
+                clipping_threshold=None,
+                dtype_momentum=mu_dtype,
+            ),
+            optax.masked(_scheduled_decoupled_weight_decay(schedule, cfg.weight_decay), decay_mask),
+        )
+    return optax.chain(clip, opt), schedule

@@ -1,0 +1,32 @@
+r"""Imitation finetuning. Rerunning the same command on the same workdir resumes.
+
+  python scripts/train.py --config=configs/finetune.py --workdir=DIR \
+      --config.init_from=PATH --config.data.train=FILES [--config.data.token_budget=20M]
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/finetune.py", "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the token cache go.", required=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from imitax.convert import ConversionError
+    from imitax.data import DataError
+    from imitax.train.loop import TrainingError, run
+
+    try:
+        result = run(FLAGS.config, FLAGS.workdir)
+    except (TrainingError, ConversionError, DataError, ValueError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+    logging.info("finished: %s", result)
+
+
+if __name__ == "__main__":
+    app.run(main)
