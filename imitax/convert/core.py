@@ -91,15 +91,20 @@ def iter_import(
         for i in range(cfg.num_layers) if rule.per_layer else [None]:
             hf_name = rule.hf.format(i=i)
             array = read(names[hf_name])
+            shape = tuple(array.shape)
             outs = _apply(rule.to_imitax, array, hf_name)
+            # Drop this frame's reference before yielding: where the outputs are copies
+            # (split fused tensors), the original can then be freed while they are placed.
+            del array
             for path, out in zip(rule.params, outs, strict=True):
                 want = shapes[path].shape[1:] if rule.per_layer else shapes[path].shape
                 if tuple(out.shape) != tuple(want):
                     raise ConversionError(
-                        f"tensor {hf_name} has shape {tuple(array.shape)}, which does not fit "
+                        f"tensor {hf_name} has shape {shape}, which does not fit "
                         f"{path} of shape {tuple(want)} for this config"
                     )
                 yield path, i, out
+            del outs
 
 
 def _apply(fn, array: np.ndarray, hf_name: str):
