@@ -10,6 +10,7 @@ from imitax.convert.checkpoint import (
     TOKENIZER_FILES,
     load_checkpoint,
     load_config,
+    resolve,
     save_checkpoint,
     tokenizer_dir,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "params_from_hf",
     "params_to_hf",
     "read_hf_config",
+    "resolve",
     "save_checkpoint",
     "tokenizer_dir",
 ]

@@ -201,6 +201,23 @@ def save_checkpoint(
     return path
 
 
+def resolve(path: epath.PathLike) -> epath.Path:
+    """The checkpoint directory ``path`` names: itself, or a training workdir's newest finished step.
+
+    A training step directory (``WORKDIR/checkpoints/<step>/``) holds ``params/`` and
+    ``model_config/`` like any imitax checkpoint; Orbax renames it into place only
+    once complete, so listed steps are whole.
+    """
+    path = epath.Path(path)
+    root = path / "checkpoints"
+    if (path / "params").is_dir() or not root.is_dir():
+        return path
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").is_dir())
+    if not steps:
+        raise ConversionError(f"{path} is a training workdir without a finished checkpoint yet")
+    return root / str(steps[-1])
+
+
 def _require_checkpoint(path: epath.Path) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
@@ -212,8 +229,8 @@ def _require_checkpoint(path: epath.Path) -> None:
 
 
 def load_config(path: epath.PathLike) -> TransformerConfig:
-    """The model config stored in a checkpoint."""
-    path = epath.Path(path)
+    """The model config stored in a checkpoint (or a training workdir's newest one)."""
+    path = resolve(path)
     _require_checkpoint(path)
     restored = _checkpointer().restore(path, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
     return models.config_from_dict(restored["model_config"])
@@ -225,12 +242,13 @@ def load_checkpoint(
     """Restores a checkpoint's model, each array directly into its shards on ``mesh``.
 
     Args:
-      path: a directory written by :func:`save_checkpoint`.
+      path: a directory written by :func:`save_checkpoint`, a training step
+        directory, or a training workdir (its newest checkpoint).
       mesh: the device mesh (``None``: this process's first device).
       dtype: ``'float32'``/``'bfloat16'`` to cast the parameters while restoring;
         ``None`` keeps the stored ``param_dtype``.
     """
-    path = epath.Path(path)
+    path = resolve(path)
     cfg = load_config(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)
@@ -240,6 +258,15 @@ def load_checkpoint(
 
 
 def tokenizer_dir(path: epath.PathLike) -> epath.Path | None:
-    """The checkpoint's tokenizer directory (``AutoTokenizer.from_pretrained`` reads it), or None."""
-    tok = epath.Path(path) / TOKENIZER_SUBDIR
-    return tok if tok.is_dir() else None
+    """The checkpoint's tokenizer directory (``AutoTokenizer.from_pretrained`` reads it), or None.
+
+    For a training workdir or one of its step directories, the run's ``WORKDIR/tokenizer``.
+    """
+    step_dir = resolve(path)
+    candidates = [step_dir / TOKENIZER_SUBDIR]
+    if step_dir.parent.name == "checkpoints":
+        candidates.append(step_dir.parent.parent / TOKENIZER_SUBDIR)
+    for tok in candidates:
+        if tok.is_dir():
+            return tok
+    return None

@@ -14,8 +14,6 @@ accepts it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -80,16 +78,3 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract: TrainState) -> tuple[Tr
         state = TrainState(step=ts["step"], params=restored["params"], opt_state=ts["opt_state"], rng=ts["rng"])
         return state, restored["data"]
     return None
-
-
-def latest_step_dir(workdir: str) -> epath.Path | None:
-    """The directory of the newest finalized checkpoint of a training workdir."""
-    root = epath.Path(workdir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").is_dir())
-    return root / str(steps[-1]) if steps else None
-
-
-def read_json_item(step_dir: epath.Path, item: str) -> Any:
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)

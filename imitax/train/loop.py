@@ -83,13 +83,8 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
 def _resolve_init(init_from: str) -> tuple[str, epath.Path]:
     """``('hf'|'imitax', path)`` for an HF directory, an imitax checkpoint or a training workdir."""
     path = epath.Path(init_from)
-    if (path / "checkpoints").is_dir():
-        step_dir = checkpointing.latest_step_dir(str(path))
-        if step_dir is None:
-            raise TrainingError(f"init_from={init_from}: the training workdir has no finished checkpoint")
-        return "imitax", step_dir
-    if (path / "params").is_dir() and (path / "model_config").is_dir():
-        return "imitax", path
+    if (path / "checkpoints").is_dir() or (path / "params").is_dir():
+        return "imitax", convert.resolve(path)
     if (path / "config.json").exists():
         return "hf", path
     raise TrainingError(
