@@ -14,8 +14,16 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the token c
 FLAGS = flags.FLAGS
 
 
+class _QuietLibraries:
+    """Drops INFO records of Orbax (one per file it writes), keeping imitax's own progress lines."""
+
+    def filter(self, record):
+        return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     from imitax.convert import ConversionError
     from imitax.data import DataError
     from imitax.train.loop import TrainingError, run
