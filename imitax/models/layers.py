@@ -141,7 +141,7 @@ class Attention(nnx.Module):
         self.inv_freq = tuple(rope_inv_freq(cfg).tolist()) if cfg.position == "rope" else None
         self.num_kv_heads = k
 
-    def __call__(self, x_bte, positions_bt, mask_bts, scale, kv_cache=None, cache_index=None):
+    def __call__(self, x_bte, positions_bt, mask_bts, scale, kv_cache=None, cache_index=None, causal=False):
         """Attends ``x`` to itself (and to the cached keys when ``kv_cache`` is given).
 
         Args:
@@ -152,6 +152,8 @@ class Attention(nnx.Module):
           scale: the softmax scale (a traced scalar: GPT-2 scales per layer).
           kv_cache: ``(k_bskd, v_bskd)`` of this layer, or None.
           cache_index: where the new keys go in the cache.
+          causal: without a cache, the caller promises that ``mask_bts`` never lets
+            token i see a token after it; this lets attention skip those logits.
 
         Returns:
           ``(out_bte, new_kv_cache)``.
@@ -171,12 +173,40 @@ class Attention(nnx.Module):
             k_bskd, v_bskd = k_bskd.astype(x_bte.dtype), v_bskd.astype(x_bte.dtype)
         else:
             k_bskd, v_bskd = k_btkd, v_btkd
-        out_bthd = dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale)
+        causal = causal and kv_cache is None
+        out_bthd = dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale, causal=causal)
         return self.o_proj("bthd,hde->bte", out_bthd), kv_cache
 
 
-def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale):
-    """Softmax attention with grouped KV heads; logits and softmax in float32."""
+# Query rows per block of causal attention. Logits and softmax are elementwise
+# passes over [b, h, t, s] float32 arrays, and on CPU they and the two batched
+# dots took about as long as all the projections; blocks skip the keys after
+# each block's last row (t=512: 37% of the work) and keep the arrays smaller.
+CAUSAL_BLOCK = 128
+
+
+def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale, *, causal=False):
+    """Softmax attention with grouped KV heads; logits and softmax in float32.
+
+    With ``causal=True`` (keys are the queries' own tokens, ``s = t``, and
+    ``mask_bts`` is False wherever key slot > query slot), queries go in blocks
+    of :data:`CAUSAL_BLOCK` rows that each see only the keys up to their last
+    row. The skipped logits are masked anyway, so every row that attends to at
+    least one key gets the same result; a fully masked row (padding) averages
+    the values of the keys its block sees instead of all of them.
+    """
+    t = q_bthd.shape[1]
+    if not causal or k_bskd.shape[1] != t or t <= CAUSAL_BLOCK:
+        return _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale)
+    outs = []
+    for start in range(0, t, CAUSAL_BLOCK):
+        end = min(start + CAUSAL_BLOCK, t)
+        q_block, mask_block = q_bthd[:, start:end], mask_bts[:, start:end, :end]
+        outs.append(_attend(q_block, k_bskd[:, :end], v_bskd[:, :end], mask_block, scale))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale):
     b, t, h, d = q_bthd.shape
     k = k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, k, h // k, d)

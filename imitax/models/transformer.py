@@ -39,8 +39,10 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.parallel_residual = cfg.parallel_residual
 
-    def __call__(self, x_bte, positions_bt, mask_bts, scale, kv_cache=None, cache_index=None):
-        attn_bte, kv_cache = self.attn(self.attn_norm(x_bte), positions_bt, mask_bts, scale, kv_cache, cache_index)
+    def __call__(self, x_bte, positions_bt, mask_bts, scale, kv_cache=None, cache_index=None, causal=False):
+        attn_bte, kv_cache = self.attn(
+            self.attn_norm(x_bte), positions_bt, mask_bts, scale, kv_cache, cache_index, causal
+        )
         if self.parallel_residual:
             x_bte = x_bte + attn_bte + self.mlp(self.mlp_norm(x_bte))
         else:
@@ -158,7 +160,8 @@ class Transformer(nnx.Module):
         def layer(x_bte, xs):
             state, window, scale, kv = xs
             mask = mask_bts & (distance_bts < window)
-            x_bte, kv = nnx.merge(graphdef, state)(x_bte, positions, mask, scale, kv, start)
+            # Without a cache the keys are these tokens and the mask is causal by construction.
+            x_bte, kv = nnx.merge(graphdef, state)(x_bte, positions, mask, scale, kv, start, causal=cache is None)
             return x_bte, kv
 
         if cfg.remat != "none":

@@ -14,9 +14,13 @@ accepts it.
 
 from __future__ import annotations
 
+import time
+
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from imitax.train.state import TrainState
 
@@ -56,8 +60,10 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract: TrainState) -> tuple[Tr
 
     Orbax only lists finalized steps (a save interrupted before its atomic commit
     is invisible). A committed step that fails to restore (a truncated or
-    damaged file) is reported and the next older one is tried.
+    damaged file) is reported, moved aside (see :func:`_set_aside`) and the next
+    older one is tried.
     """
+    result, moved = None, False
     for step in sorted(mgr.all_steps(), reverse=True):
         try:
             rest = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
@@ -73,8 +79,30 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract: TrainState) -> tuple[Tr
             logging.warning(
                 "checkpoint at step %d cannot be restored (%s: %s); trying an older one", step, type(e).__name__, e
             )
+            _set_aside(mgr, step)
+            moved = True
             continue
         ts = restored["train_state"]
         state = TrainState(step=ts["step"], params=restored["params"], opt_state=ts["opt_state"], rng=ts["rng"])
-        return state, restored["data"]
-    return None
+        result = state, restored["data"]
+        break
+    if moved:
+        mgr.reload()  # it still lists the steps moved away
+    return result
+
+
+def _set_aside(mgr: ocp.CheckpointManager, step: int) -> None:
+    """Moves an unrestorable step out of the run's ``checkpoints/`` into ``unrestorable_checkpoints/``.
+
+    Left in place, it would stay the manager's latest step: the run could not
+    save that step again, nor any earlier one, and an export of the workdir
+    would pick it. It is moved rather than deleted because the failure may be
+    transient (a network file system's hiccup) and the files worth inspecting.
+    """
+    src = epath.Path(mgr.directory) / str(step)
+    dst = epath.Path(mgr.directory).parent / "unrestorable_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        logging.warning("moved the unrestorable checkpoint of step %d to %s", step, dst)
+    multihost_utils.sync_global_devices(f"imitax_set_aside_{step}")

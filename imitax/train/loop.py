@@ -77,7 +77,7 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = workdir / "run_config.json.tmp"
         tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-        tmp.rename(saved_path)
+        tmp.replace(saved_path)  # epath's rename() refuses an existing target; a rerun has one
 
 
 def _resolve_init(init_from: str) -> tuple[str, epath.Path]:
@@ -258,11 +258,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             for step in range(start_step, total_steps):
                 local = batches.batch_at(step, jax.process_index(), jax.process_count())
                 state, step_metrics = step_fn(state, _global_batch(local, batch_sharding))
-                loss = float(step_metrics["loss"])  # also the per-step divergence check
-                if not np.isfinite(loss):
+                # The per-step divergence check. The loss is that of the parameters before this
+                # update; the parameter norm, of those after it, which are the ones a save would keep.
+                loss, param_norm = (float(step_metrics[k]) for k in ("loss", "param_norm"))
+                if not (np.isfinite(loss) and np.isfinite(param_norm)):
                     raise TrainingError(
-                        f"the loss became {loss} at step {step + 1}; stopping without saving "
-                        f"(the last good checkpoint is kept: {mgr.latest_step()})"
+                        f"training diverged at step {step + 1} (loss {loss}, parameter norm {param_norm}); "
+                        f"stopping without saving (the last good checkpoint is kept: step {mgr.latest_step()})"
                     )
                 window_steps += 1
                 done = step + 1
@@ -290,7 +292,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     progress.set_postfix(loss=f"{loss:.4f}")
                 save(force=False)
                 if preemption.check():
-                    save(force=True)
+                    if mgr.latest_step() != done:  # the periodic save above may have just saved it
+                        save(force=True)
                     mgr.wait_until_finished()
                     logging.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
                     return {"preempted": True, "step": done, **last}

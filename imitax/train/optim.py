@@ -58,12 +58,24 @@ def _scheduled_decoupled_weight_decay(schedule: Callable, rate: float) -> optax.
 
     Optax's adafactor applies ``weight_decay_rate`` before its learning-rate
     scaling, which makes it scale-dependent; the study's reference code (EasyLM)
-    added this learning-rate-scheduled decay after the optimizer instead.
+    added this learning-rate-scheduled decay after the optimizer instead. Only
+    the decay term is scaled: chaining ``add_decayed_weights`` and
+    ``scale_by_schedule`` would also multiply the incoming Adafactor update by
+    ``-lr`` (flipping its sign).
     """
-    return optax.chain(
-        optax.add_decayed_weights(rate),
-        optax.scale_by_schedule(lambda step: -schedule(step)),
-    )
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("the paper optimizer's weight decay needs the params in update()")
+        factor = -rate * schedule(state.count)
+        updates = jax.tree.map(lambda u, p: u + (factor * p).astype(u.dtype), updates, params)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:

@@ -1,0 +1,657 @@
+"""Log-likelihood scoring with the lm-evaluation-harness's semantics; shared prompt prefixes are computed once.
+
+>>> scorer = Scorer(model, tokenizer, batch_size=8)
+>>> scorer.loglikelihood([("Question: 2+2=?\\nAnswer:", " 4")])   # [(log p(" 4" | context), is_greedy)]
+>>> scorer.loglikelihood_rolling(["a whole document"])            # [log p(document)]
+
+Semantics (those of the harness's ``hf`` backend, ``lm_eval/api/model.py`` and
+``lm_eval/models/huggingface.py``, version 0.4):
+
+* Trailing whitespace of a context moves to the front of its continuation. The
+  context and ``context + continuation`` are each encoded (with the tokenizer's
+  default special tokens, none if the text already starts with the prefix
+  token's text) and the continuation's tokens are those of the whole string
+  after the encoded context's length.
+* An empty context becomes the prefix token (``prefix_token_id``: BOS, else
+  EOS), unless the continuation itself starts with that token, which then serves
+  as the context.
+* The model reads ``(context + continuation)[-(max_length + 1):][:-1]``: a
+  request longer than ``max_length + 1`` tokens is truncated from the left (and
+  counted in :class:`ScoringStats`). The result is the summed log-probability
+  of the continuation's tokens and whether each is the argmax (greedy) token.
+* Rolling log-likelihood (perplexity) splits a document's tokens into the
+  harness's disjoint windows of at most ``max_length`` predictions, the first
+  one conditioned on the prefix token and each later one on a full window of
+  preceding tokens; every token is predicted exactly once.
+
+How the work is arranged. Requests are reduced to distinct model inputs
+("rows"): requests whose inputs are equal (a multiple-choice question's choices
+" A".." D" differ only in the last, predicted token) share one forward pass.
+Rows are then sorted by their tokens, and runs of rows that share a long
+common *token* prefix (a 5-shot MMLU subject: the description and five solved
+examples, ~84% of every prompt) form a group: the prefix's KV cache is computed
+once and every row's suffix is scored against it, with positions continuing
+after the prefix, so the prefix is never recomputed. Other rows run plainly.
+Rows are left-padded (so the scored positions are the last slots of every row)
+into a small set of length buckets (multiples of 64 up to 256, then four per
+power of two) and a fixed batch size, so a whole benchmark compiles a bounded
+number of programs; :attr:`Scorer.stats` counts them. Only the scored positions
+are projected onto the vocabulary, and the log-softmax is computed in float32.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from imitax import sharding
+from imitax.models import Transformer
+
+__all__ = [
+    "Scorer",
+    "ScoringStats",
+    "encode_pair",
+    "length_bucket",
+    "resolve_prefix_token_id",
+    "rolling_windows",
+    "tok_encode",
+]
+
+DEFAULT_BATCH_SIZE = 8
+# Positions projected onto the vocabulary at once: bounds the [batch, chunk, vocab] logits.
+_VOCAB_CHUNK = 64
+# Shared prefixes are computed in chunks of this many tokens (one program per cache length).
+_PREFIX_CHUNK = 128
+# Batches dispatched ahead of the one being read back (JAX dispatches asynchronously).
+_IN_FLIGHT = 2
+
+
+# -- tokenization, as the harness does it -----------------------------------------------------
+
+
+def resolve_prefix_token_id(tokenizer, prefix_token_id: int | None = None) -> int:
+    """The token an empty context becomes: ``prefix_token_id``, else BOS, else EOS (as the harness)."""
+    for candidate in (prefix_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token: pass prefix_token_id explicitly")
+
+
+def tok_encode(
+    tokenizer, texts: Sequence[str], prefix_token_id: int, add_special_tokens: bool | None = None
+) -> list[list[int]]:
+    """Encodes ``texts`` like the harness's ``tok_encode``, in one batched tokenizer call per setting.
+
+    With ``add_special_tokens=None`` the tokenizer adds its default special
+    tokens (LLaMA's BOS; nothing for GPT-2), except to a text that already starts
+    with the prefix token's text.
+    """
+    if add_special_tokens is not None:
+        flags = [add_special_tokens] * len(texts)
+    else:
+        prefix_text = tokenizer.decode(prefix_token_id)
+        flags = [not t.startswith(prefix_text) for t in texts]
+    out: list[list[int] | None] = [None] * len(texts)
+    for flag in (True, False):
+        index = [i for i, f in enumerate(flags) if f == flag]
+        if index:
+            ids = tokenizer([texts[i] for i in index], add_special_tokens=flag)["input_ids"]
+            for i, row in zip(index, ids, strict=True):
+                out[i] = list(row)
+    return out  # type: ignore[return-value]
+
+
+def encode_pair(tokenizer, context: str, continuation: str, prefix_token_id: int) -> tuple[list[int], list[int]]:
+    """``(context_ids, continuation_ids)`` of one request, by the harness's rules (module docstring)."""
+    return _encode_requests(tokenizer, [(context, continuation)], prefix_token_id)[0]
+
+
+def _encode_requests(
+    tokenizer, requests: Sequence[tuple[str, str]], prefix_token_id: int
+) -> list[tuple[list[int], list[int]]]:
+    pairs, whole_texts, context_texts, empty = [], [], [], []
+    for context, continuation in requests:
+        if context == "":
+            empty.append(continuation)
+            pairs.append(None)
+            continue
+        spaces = len(context) - len(context.rstrip())
+        if spaces:  # Word-boundary whitespace belongs to the continuation's first token.
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        pairs.append((context, continuation))
+        whole_texts.append(context + continuation)
+        context_texts.append(context)
+    # Contexts repeat across a question's choices: encode each distinct text once.
+    distinct = list(dict.fromkeys(whole_texts + context_texts))
+    encoded = dict(zip(distinct, tok_encode(tokenizer, distinct, prefix_token_id), strict=True))
+    empty_ids = iter(tok_encode(tokenizer, empty, prefix_token_id, add_special_tokens=False) if empty else ())
+    out = []
+    for pair in pairs:
+        if pair is None:
+            continuation_ids = next(empty_ids)
+            if not continuation_ids:
+                raise ValueError("a request with an empty context needs a non-empty continuation")
+            if continuation_ids[0] != prefix_token_id:
+                out.append(([prefix_token_id], continuation_ids))
+            else:  # The continuation starts with the prefix token: it is its own context.
+                out.append((continuation_ids[:1], continuation_ids[1:]))
+            continue
+        context, continuation = pair
+        whole, context_ids = encoded[context + continuation], encoded[context]
+        out.append((context_ids, whole[len(context_ids) :]))
+    return out
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token_id: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """The harness's disjoint rolling windows (``get_rolling_token_windows`` with ``context_len=1``).
+
+    Returns ``(context, continuation)`` token pairs: the first predicts up to
+    ``max_length`` tokens after the prefix token; each later one predicts the
+    next ``max_length`` tokens (or the rest) with the tokens before them as
+    context, so that ``context + continuation`` spans ``max_length + 1`` tokens
+    (or all of the tokens, when there are fewer). Every token is predicted once.
+    """
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows = [([prefix_token_id], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        end = min(len(tokens), done + max_length)
+        # The harness's window is tokens[end - max_length - 1 : end - 1] predicting tokens[done:end];
+        # made disjoint, its context is the part before `done`.
+        windows.append((tokens[end - max_length - 1 : done], tokens[done:end]))
+        done = end
+    return windows
+
+
+# -- shapes ---------------------------------------------------------------------------------------
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def length_bucket(n: int) -> int:
+    """Rounds a sequence length up: multiples of 64 up to 256, then four buckets per power of two.
+
+    Padding wastes at most 64 tokens below 256 and at most a quarter above, and
+    lengths up to 4096 fall into 20 buckets.
+    """
+    if n <= 256:
+        return max(64, _round_up(n, 64))
+    step = 2 ** (math.ceil(math.log2(n)) - 3)
+    return _round_up(n, step)
+
+
+def _window_bucket(n: int) -> int:
+    """Scored positions per row: 1 (one-token continuations), 16, 64, then a length bucket.
+
+    Coarse on purpose: each bucket is another compiled program, and projecting a
+    few unneeded positions onto the vocabulary costs little.
+    """
+    return 1 if n == 1 else 16 if n <= 16 else 64 if n <= 64 else length_bucket(n)
+
+
+def _candidates_bucket(n: int) -> int:
+    """Distinct last tokens per row: a power of 4 (1 for most requests, 4 for A-D questions)."""
+    return 4 ** math.ceil(math.log(n, 4) - 1e-9) if n > 1 else 1
+
+
+# -- the compiled programs ------------------------------------------------------------------------
+
+
+def _scores(model: Transformer, h_bwe, targets_bw, cands_bk):
+    """Log-probabilities of ``targets`` at every scored position, argmax tokens, and candidates at the last one.
+
+    Returns:
+      ``(target_logprobs [b, w], greedy [b, w], candidate_logprobs [b, k])``.
+    """
+
+    def chunk(h_bce, targets_bc):
+        logits_bcv = model.logits(h_bce)  # float32
+        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        target_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0] - lse_bc
+        return target_bc, jnp.argmax(logits_bcv, axis=-1).astype(jnp.int32), logits_bcv[:, -1], lse_bc[:, -1]
+
+    b, w, e = h_bwe.shape
+    if w <= _VOCAB_CHUNK:
+        target_bw, greedy_bw, last_bv, last_lse_b = chunk(h_bwe, targets_bw)
+    else:  # Windows above 64 are length buckets, all multiples of 64.
+        n = w // _VOCAB_CHUNK
+        h_nbce = h_bwe.reshape(b, n, _VOCAB_CHUNK, e).swapaxes(0, 1)
+        t_nbc = targets_bw.reshape(b, n, _VOCAB_CHUNK).swapaxes(0, 1)
+        target_nbc, greedy_nbc, last_nbv, last_lse_nb = jax.lax.map(lambda x: chunk(*x), (h_nbce, t_nbc))
+        target_bw = target_nbc.swapaxes(0, 1).reshape(b, w)
+        greedy_bw = greedy_nbc.swapaxes(0, 1).reshape(b, w)
+        last_bv, last_lse_b = last_nbv[-1], last_lse_nb[-1]
+    cands_bk = jnp.take_along_axis(last_bv, cands_bk, axis=-1) - last_lse_b[:, None]
+    return target_bw, greedy_bw, cands_bk
+
+
+def _constrain_cache(cache):
+    kv = ("layers", "act_batch", None, "act_kv_heads", None)
+    return {
+        **cache,
+        "k": sharding.constrain(cache["k"], kv),
+        "v": sharding.constrain(cache["v"], kv),
+        "segment_ids": sharding.constrain(cache["segment_ids"], ("act_batch", None)),
+        "positions": sharding.constrain(cache["positions"], ("act_batch", None)),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "window"))
+def _score_plain(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, targets_bw, cands_bk, *, window):
+    """Scores the last ``window`` positions of left-padded rows (no cache)."""
+    model = nnx.merge(graphdef, state)
+    h_bte, _ = model.hidden(tokens_bt, positions_bt, segment_ids_bt)
+    return _scores(model, h_bte[:, -window:], targets_bw, cands_bk)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+def _extend_prefix(graphdef, state, cache, tokens_1c, positions_1c, segment_ids_1c):
+    """Writes one right-padded chunk of a shared prefix into its (one-row) KV cache."""
+    model = nnx.merge(graphdef, state)
+    # hidden(), not extend(): the prefix's own logits are never needed.
+    _, cache = model.hidden(tokens_1c, positions_1c, segment_ids_1c, cache)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "window"))
+def _score_suffix(
+    graphdef, state, cache, prefix_len, tokens_bt, positions_bt, segment_ids_bt, targets_bw, cands_bk, *, window
+):
+    """Scores left-padded suffixes written after a shared prefix's cache (broadcast to the batch)."""
+    model = nnx.merge(graphdef, state)
+    b = tokens_bt.shape[0]
+    cache = {
+        "k": jnp.broadcast_to(cache["k"], cache["k"].shape[:1] + (b,) + cache["k"].shape[2:]),
+        "v": jnp.broadcast_to(cache["v"], cache["v"].shape[:1] + (b,) + cache["v"].shape[2:]),
+        "segment_ids": jnp.broadcast_to(cache["segment_ids"], (b, cache["segment_ids"].shape[1])),
+        "positions": jnp.broadcast_to(cache["positions"], (b, cache["positions"].shape[1])),
+        # The suffix goes right after the real prefix tokens, over the prefix's padding.
+        "index": prefix_len,
+    }
+    h_bte, _ = model.hidden(tokens_bt, positions_bt, segment_ids_bt, _constrain_cache(cache))
+    return _scores(model, h_bte[:, -window:], targets_bw, cands_bk)
+
+
+# -- bookkeeping ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScoringStats:
+    """What a :class:`Scorer` did (cumulative; :meth:`since` gives one call's share).
+
+    Attributes:
+      requests: ``(context, continuation)`` token requests scored.
+      truncated: requests longer than ``max_length + 1`` tokens, truncated from the left.
+      rows: distinct model inputs (requests with equal inputs share one).
+      input_tokens: tokens of those inputs: what one forward pass per row computes.
+      computed_tokens: tokens actually run through the model (each shared prefix once).
+      padded_tokens: ``computed_tokens`` plus padding.
+      prefix_groups: groups of rows that shared a prefix cache.
+      shared_prefix_tokens: tokens of those prefixes (each counted once).
+      programs: the shapes compiled for (or reused by) this scorer: each is one XLA program.
+      seconds: wall-clock time spent scoring.
+    """
+
+    requests: int = 0
+    truncated: int = 0
+    rows: int = 0
+    input_tokens: int = 0
+    computed_tokens: int = 0
+    padded_tokens: int = 0
+    prefix_groups: int = 0
+    shared_prefix_tokens: int = 0
+    programs: set = dataclasses.field(default_factory=set)
+    seconds: float = 0.0
+
+    def copy(self) -> ScoringStats:
+        return dataclasses.replace(self, programs=set(self.programs))
+
+    def since(self, earlier: ScoringStats) -> ScoringStats:
+        """The work done after ``earlier`` (a :meth:`copy` taken before)."""
+        fields = {
+            f.name: getattr(self, f.name) - getattr(earlier, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "programs"
+        }
+        return ScoringStats(**fields, programs=set(self.programs))
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (``programs`` as a count)."""
+        out = dataclasses.asdict(self)
+        out["programs"] = len(self.programs)
+        return out
+
+
+@dataclasses.dataclass
+class _Row:
+    """One distinct model input and the requests that read it."""
+
+    tokens: np.ndarray  # int32 [n]
+    window: int = 0  # scored positions (the longest continuation among its requests)
+    requests: list = dataclasses.field(default_factory=list)  # (request index, continuation tokens)
+    candidates: list = dataclasses.field(default_factory=list)  # distinct last continuation tokens
+
+    @property
+    def free(self) -> int:
+        """Leading tokens whose outputs are not scored: the most a shared prefix may cover."""
+        return len(self.tokens) - self.window
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+def _group_rows(rows: list[_Row], min_prefix: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Splits rows into shared-prefix groups ``(prefix_len, row ids)`` and the rest.
+
+    Rows sorted by their tokens put those with long common prefixes side by
+    side; a run of them is extended while the work it saves grows: adding a row
+    to a group of ``g`` rows whose prefix is ``p`` shrinks the prefix to ``p'``
+    and saves work iff ``g * p' > (g - 1) * p``.
+    """
+    order = sorted(range(len(rows)), key=lambda i: rows[i].tokens.tolist())
+    groups, plain = [], []
+
+    def close(members, prefix):
+        if len(members) > 1 and prefix >= min_prefix:
+            groups.append((prefix, members))
+        else:
+            plain.extend(members)
+
+    members, prefix = [], 0
+    for i in order:
+        if members:
+            shared = min(prefix, _common_prefix(rows[members[-1]].tokens, rows[i].tokens), rows[i].free)
+            if shared >= min_prefix and len(members) * shared > (len(members) - 1) * prefix:
+                members.append(i)
+                prefix = shared
+                continue
+            close(members, prefix)
+        members, prefix = [i], rows[i].free
+    if members:
+        close(members, prefix)
+    return groups, plain
+
+
+@dataclasses.dataclass
+class _Batch:
+    row_ids: list[int]
+    tokens_bt: np.ndarray
+    positions_bt: np.ndarray
+    segment_ids_bt: np.ndarray
+    targets_bw: np.ndarray
+    cands_bk: np.ndarray
+    window: int
+
+
+# -- the scorer -----------------------------------------------------------------------------------
+
+
+class Scorer:
+    """Computes log-likelihoods with a model (see the module docstring for the semantics).
+
+    Args:
+      model: the language model.
+      tokenizer: a ``transformers`` tokenizer (needed for the text methods only).
+      max_length: the longest input the model reads (default: the model's
+        ``max_position_embeddings``, as the harness reads it from the config).
+      batch_size: rows per forward pass (rounded up to the mesh's batch shards).
+      mesh: shard the batch over this mesh's ``data`` and ``fsdp`` axes
+        (default: the mesh set with ``jax.set_mesh``, if any).
+      prefix_token_id: the token an empty context becomes (default: BOS, else EOS).
+      share_prefix: compute each long shared token prefix once (results equal
+        the plain computation up to float rounding).
+      min_shared_prefix: the shortest prefix worth a cache of its own.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        *,
+        max_length: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        mesh: jax.sharding.Mesh | None = None,
+        prefix_token_id: int | None = None,
+        share_prefix: bool = True,
+        min_shared_prefix: int = 64,
+    ):
+        cfg = model.cfg
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length = int(max_length or cfg.max_position_embeddings)
+        if cfg.position == "learned" and self.max_length > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_length {self.max_length} exceeds the model's {cfg.max_position_embeddings} learned positions"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if mesh is None and not jax.sharding.get_mesh().empty:
+            mesh = jax.sharding.get_mesh()
+        self.mesh = mesh
+        shards = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        self.batch_size = _round_up(batch_size, shards)
+        self._prefix_token_id = prefix_token_id
+        self.share_prefix, self.min_shared_prefix = share_prefix, max(1, min_shared_prefix)
+        self.stats = ScoringStats()
+
+    @property
+    def prefix_token_id(self) -> int:
+        return resolve_prefix_token_id(self._require_tokenizer(), self._prefix_token_id)
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this Scorer has no tokenizer: score token ids with loglikelihood_tokens")
+        return self.tokenizer
+
+    # -- text requests ----------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], progress: bool = False) -> list[tuple[float, bool]]:
+        """``(log p(continuation | context), is_greedy)`` of each ``(context, continuation)``."""
+        tokenized = _encode_requests(self._require_tokenizer(), list(requests), self.prefix_token_id)
+        return self.loglikelihood_tokens(tokenized, progress=progress)
+
+    def loglikelihood_rolling(self, texts: Sequence[str], progress: bool = False) -> list[float]:
+        """The log-probability of each whole text, over the harness's rolling windows."""
+        tokenizer, prefix = self._require_tokenizer(), self.prefix_token_id
+        windows, owner = [], []
+        for i, ids in enumerate(tok_encode(tokenizer, list(texts), prefix)):
+            for window in rolling_windows(ids, prefix, self.max_length):
+                windows.append(window)
+                owner.append(i)
+        totals = [0.0] * len(texts)
+        for i, (logprob, _) in zip(owner, self.loglikelihood_tokens(windows, progress=progress), strict=True):
+            totals[i] += logprob
+        return totals
+
+    # -- token requests ---------------------------------------------------------------------------
+
+    def loglikelihood_tokens(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], progress: bool = False
+    ) -> list[tuple[float, bool]]:
+        """Scores already tokenized ``(context_ids, continuation_ids)`` requests.
+
+        Raises:
+          ValueError: an empty context or continuation, a continuation longer
+            than ``max_length``, or token ids outside the vocabulary.
+        """
+        start = time.perf_counter()
+        rows = self._rows(requests)
+        self.stats.rows += len(rows)
+        self.stats.input_tokens += sum(len(r.tokens) for r in rows)
+
+        if self.share_prefix:
+            groups, plain = _group_rows(rows, self.min_shared_prefix)
+        else:
+            groups, plain = [], list(range(len(rows)))
+        # Longest first (as the harness): the slowest batches and any out-of-memory come first.
+        plain.sort(key=lambda i: -len(rows[i].tokens))
+        work = [(None, plain[j : j + self.batch_size]) for j in range(0, len(plain), self.batch_size)]
+        for prefix, members in groups:
+            members = sorted(members, key=lambda i: -len(rows[i].tokens))
+            chunks = [members[j : j + self.batch_size] for j in range(0, len(members), self.batch_size)]
+            work.extend(((prefix, members), chunk) for chunk in chunks)
+
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm.tqdm(total=len(requests), desc="log-likelihoods", disable=not progress, leave=False)
+        graphdef, state = nnx.split(self.model)
+        pending: collections.deque = collections.deque()
+        caches: dict[int, tuple] = {}  # group id -> (prefix cache, prefix length)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            for group, row_ids in work:
+                if group is None:
+                    batch = self._batch(rows, row_ids, 0)
+                    out = self._run_plain(graphdef, state, batch)
+                else:
+                    prefix, members = group
+                    if id(members) not in caches:  # The group's first batch: compute its prefix once.
+                        caches.clear()
+                        caches[id(members)] = self._run_prefix(graphdef, state, rows, prefix, members)
+                    batch = self._batch(rows, row_ids, prefix)
+                    out = self._run_suffix(graphdef, state, batch, *caches[id(members)])
+                pending.append((batch, out))
+                if len(pending) > _IN_FLIGHT:
+                    bar.update(self._collect(rows, *pending.popleft(), results))
+            while pending:
+                bar.update(self._collect(rows, *pending.popleft(), results))
+        bar.close()
+        self.stats.seconds += time.perf_counter() - start
+        return results  # type: ignore[return-value]
+
+    def _rows(self, requests) -> list[_Row]:
+        """Truncates requests as the harness does and merges those with equal model inputs."""
+        vocab, limit = self.model.cfg.vocab_size, self.max_length
+        rows: list[_Row] = []
+        row_of: dict[tuple[int, ...], int] = {}
+        for i, (context, continuation) in enumerate(requests):
+            context, continuation = list(map(int, context)), list(map(int, continuation))
+            if not context or not continuation:
+                raise ValueError(f"request {i}: context and continuation must be non-empty token lists")
+            if len(continuation) > limit:
+                raise ValueError(f"request {i}: continuation of {len(continuation)} tokens > max_length {limit}")
+            whole = context + continuation
+            if not all(0 <= t < vocab for t in whole):
+                raise ValueError(f"request {i}: token ids must be in [0, {vocab})")
+            if len(whole) > limit + 1:
+                self.stats.truncated += 1
+            inputs = tuple(whole[-(limit + 1) :][:-1])
+            r = row_of.setdefault(inputs, len(rows))
+            if r == len(rows):
+                rows.append(_Row(np.asarray(inputs, np.int32)))
+            row = rows[r]
+            row.window = max(row.window, len(continuation))
+            row.requests.append((i, continuation))
+            if continuation[-1] not in row.candidates:
+                row.candidates.append(continuation[-1])
+        self.stats.requests += len(requests)
+        return rows
+
+    def _batch(self, rows: list[_Row], row_ids: list[int], prefix: int) -> _Batch:
+        """Left-pads the rows' tokens after ``prefix`` into one bucketed batch (dummy rows fill it)."""
+        lengths = [len(rows[i].tokens) - prefix for i in row_ids]
+        width = length_bucket(max(lengths))
+        window = _window_bucket(max(rows[i].window for i in row_ids))
+        k = _candidates_bucket(max(len(rows[i].candidates) for i in row_ids))
+        b = self.batch_size
+        tokens_bt = np.zeros((b, width), np.int32)
+        positions_bt = np.zeros((b, width), np.int32)
+        segment_ids_bt = np.zeros((b, width), np.int32)
+        targets_bw = np.zeros((b, window), np.int32)
+        cands_bk = np.zeros((b, k), np.int32)
+        for j, (i, n) in enumerate(zip(row_ids, lengths, strict=True)):
+            row = rows[i]
+            tokens_bt[j, width - n :] = row.tokens[prefix:]
+            positions_bt[j, width - n :] = np.arange(prefix, prefix + n)
+            segment_ids_bt[j, width - n :] = 1
+            # The target of position t is token t + 1; the last position's targets are the candidates.
+            shifted = np.concatenate([row.tokens[1:], row.candidates[:1]])
+            w = min(window, len(row.tokens))
+            targets_bw[j, window - w :] = shifted[len(row.tokens) - w :]
+            cands_bk[j, : len(row.candidates)] = row.candidates
+        self.stats.computed_tokens += sum(lengths)
+        self.stats.padded_tokens += b * width
+        return _Batch(row_ids, tokens_bt, positions_bt, segment_ids_bt, targets_bw, cands_bk, window)
+
+    def _put(self, *arrays: np.ndarray):
+        if self.mesh is None:
+            return arrays
+        return tuple(jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim)) for a in arrays)
+
+    def _run_plain(self, graphdef, state, batch: _Batch):
+        b, t = batch.tokens_bt.shape
+        self.stats.programs.add(("plain", b, t, batch.window, batch.cands_bk.shape[1]))
+        arrays = self._put(batch.tokens_bt, batch.positions_bt, batch.segment_ids_bt, batch.targets_bw, batch.cands_bk)
+        return _score_plain(graphdef, state, *arrays, window=batch.window)
+
+    def _run_prefix(self, graphdef, state, rows: list[_Row], prefix: int, members: list[int]):
+        """The KV cache of a group's shared prefix, computed in fixed-width chunks (one compiled program)."""
+        longest_suffix = max(len(rows[i].tokens) for i in members) - prefix
+        # Room for the prefix's last chunk and for the longest suffix batch written after the prefix.
+        cache_len = length_bucket(max(_round_up(prefix, _PREFIX_CHUNK), prefix + length_bucket(longest_suffix)))
+        abstract = jax.eval_shape(lambda: self.model.init_cache(1, cache_len))
+        cache = {k: np.zeros(v.shape, v.dtype) for k, v in abstract.items()}
+        put = functools.partial(jax.device_put, device=None if self.mesh is None else sharding.replicated(self.mesh))
+        cache = put(cache)  # One row: on a mesh every device holds it (replicated).
+        tokens = rows[members[0]].tokens[:prefix]
+        for start in range(0, prefix, _PREFIX_CHUNK):
+            n = min(_PREFIX_CHUNK, prefix - start)
+            tokens_1c = np.zeros((1, _PREFIX_CHUNK), np.int32)
+            tokens_1c[0, :n] = tokens[start : start + n]
+            positions_1c = np.where(np.arange(_PREFIX_CHUNK) < n, start + np.arange(_PREFIX_CHUNK), 0)[None]
+            segment_ids_1c = (np.arange(_PREFIX_CHUNK) < n)[None].astype(np.int32)
+            chunk = put((tokens_1c, positions_1c.astype(np.int32), segment_ids_1c))
+            cache = _extend_prefix(graphdef, state, cache, *chunk)
+        self.stats.programs.add(("prefix", _PREFIX_CHUNK, cache_len))
+        self.stats.prefix_groups += 1
+        self.stats.shared_prefix_tokens += prefix
+        self.stats.computed_tokens += prefix
+        self.stats.padded_tokens += _round_up(prefix, _PREFIX_CHUNK)
+        return cache, np.int32(prefix)
+
+    def _run_suffix(self, graphdef, state, batch: _Batch, cache, prefix_len):
+        b, t = batch.tokens_bt.shape
+        cache_len = cache["k"].shape[2]
+        self.stats.programs.add(("suffix", b, t, cache_len, batch.window, batch.cands_bk.shape[1]))
+        arrays = self._put(batch.tokens_bt, batch.positions_bt, batch.segment_ids_bt, batch.targets_bw, batch.cands_bk)
+        return _score_suffix(graphdef, state, cache, prefix_len, *arrays, window=batch.window)
+
+    def _collect(self, rows: list[_Row], batch: _Batch, out, results: list) -> int:
+        """Reads one batch's outputs back and fills in the results of its rows' requests."""
+        if not all(x.is_fully_addressable for x in out):  # multi-host: every process gets every row
+            out = multihost_utils.process_allgather(out, tiled=True)
+        target_bw, greedy_bw, cands_bk = (np.asarray(x) for x in jax.device_get(out))
+        w, done = batch.window, 0
+        for j, i in enumerate(batch.row_ids):
+            row = rows[i]
+            n = len(row.tokens)
+            for request, continuation in row.requests:
+                c = len(continuation)
+                # Positions n-c .. n-2 predict continuation[:-1] (the row's own tokens), the last one its last token.
+                span = slice(w - c, w - 1)
+                last = cands_bk[j, row.candidates.index(continuation[-1])]
+                logprob = float(np.sum(target_bw[j, span], dtype=np.float64) + last)
+                greedy = bool(
+                    np.array_equal(greedy_bw[j, span], row.tokens[n - c + 1 :])
+                    and greedy_bw[j, w - 1] == continuation[-1]
+                )
+                results[request] = (logprob, greedy)
+                done += 1
+        return done

@@ -1,0 +1,89 @@
+"""Evaluation tasks, registered by name.
+
+>>> from imitax.eval import tasks
+>>> tasks.names()                                   # ['mmlu', 'multiple_choice', 'perplexity', ...]
+>>> task = tasks.get("mmlu")(num_fewshot=5, data_dir="data/mmlu")
+>>> result = task.run(lm)                           # lm: imitax.eval.lm.LM (or anything with its methods)
+>>> result.metrics["acc"], result.stderr["acc"]
+
+The contract of a task class (registered with :func:`register`): it is
+constructed from keyword config only (``num_fewshot``, ``limit``, ``seed`` and
+data-location keywords such as ``data_dir`` or ``data_file``; its docstring
+lists them), and ``run(lm, progress=True)`` returns a :class:`TaskResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+__all__ = ["TaskResult", "get", "names", "register"]
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: makes the task class available as ``get(name)``."""
+
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"task {name!r} is already registered (by {_REGISTRY[name].__qualname__})")
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return decorate
+
+
+def get(name: str) -> type:
+    """The task class registered as ``name``.
+
+    Raises:
+      ValueError: no such task (the message lists the known ones).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    """The registered task names, sorted."""
+    return sorted(_REGISTRY)
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """What a task's ``run`` returns.
+
+    Attributes:
+      metrics: metric name -> value (e.g. ``{'acc': 0.43, 'acc/anatomy': 0.5}``).
+      stderr: metric name -> standard error, for the metrics that have one.
+      n: how many examples were evaluated.
+      num_fewshot: the number of in-context examples each prompt held.
+      samples: one JSON-able record per example (inputs, scores, correctness).
+      info: provenance (data source, files, subjects) and how the run went.
+    """
+
+    metrics: dict[str, float]
+    stderr: dict[str, float]
+    n: int
+    num_fewshot: int
+    samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self, samples: bool = True) -> dict[str, Any]:
+        """A JSON-able dict (``nan`` stderrs become ``None``); ``samples=False`` leaves the records out."""
+
+        def clean(d):
+            return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+        out = dataclasses.asdict(self)
+        out["metrics"], out["stderr"] = clean(self.metrics), clean(self.stderr)
+        if not samples:
+            del out["samples"]
+        return out
+
+
+# Importing a task module registers its tasks. The list is explicit on purpose; add new modules here.
+from imitax.eval.tasks import humaneval, mmlu, multiple_choice, perplexity  # noqa: E402, F401

@@ -1,0 +1,331 @@
+"""Log-likelihood scoring against transformers + PyTorch, and the harness's tokenization rules by hand."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from hf_models import tiny_hf_config, to_imitax
+
+from imitax import sharding
+from imitax.eval import generate, scoring
+from imitax.eval.lm import LM
+from imitax.eval.scoring import Scorer, encode_pair, length_bucket, rolling_windows
+
+TOKENIZER_DIR = pathlib.Path(__file__).parent / "data" / "tokenizer"
+VOCAB = 320  # >= the test tokenizer's 300 ids
+ATOL = 1e-4  # never loosened
+
+
+@functools.cache
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+@functools.cache
+def tiny_pair(kind: str, max_positions: int) -> tuple[torch.nn.Module, object]:
+    """A random ``kind`` model with the test tokenizer's vocabulary, and its imitax twin (built once)."""
+    config = tiny_hf_config(kind)
+    config.vocab_size = VOCAB
+    config.update({"n_positions" if kind == "gpt2" else "max_position_embeddings": max_positions})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # Spread-out random weights, as tests/hf_models.py draws them.
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator) * 0.2
+            p.copy_(1 + noise if "norm" in name or ".ln_" in name else noise)
+    return model.eval(), to_imitax(model)
+
+
+def harness_tokens(context: str, continuation: str, prefix_id: int = 0) -> tuple[list[int], list[int]]:
+    """The harness's encoding, written out independently of imitax."""
+    tok = tokenizer()
+    if context == "":
+        cont = tok(continuation, add_special_tokens=False)["input_ids"]
+        return ([prefix_id], cont) if cont[0] != prefix_id else (cont[:1], cont[1:])
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, ctx = tok(context + continuation)["input_ids"], tok(context)["input_ids"]
+    return ctx, whole[len(ctx) :]
+
+
+def hf_loglikelihood(torch_model, context_ids, continuation_ids, max_length: int) -> tuple[float, bool]:
+    """Summed log-probability of the continuation and its greediness, straight from transformers."""
+    inputs = (list(context_ids) + list(continuation_ids))[-(max_length + 1) :][:-1]
+    with torch.no_grad():
+        logits = torch_model(torch.tensor([inputs])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)[len(inputs) - len(continuation_ids) :]
+    targets = torch.tensor(continuation_ids)
+    return float(logprobs.gather(1, targets[:, None]).sum()), bool((logprobs.argmax(-1) == targets).all())
+
+
+def assert_close(got, want):
+    assert len(got) == len(want)
+    for (g, g_greedy), (w, w_greedy) in zip(got, want, strict=True):
+        assert abs(g - w) <= ATOL, (g, w)
+        assert g_greedy == w_greedy
+
+
+CONTEXTS = [
+    "The following are questions about space.\n\nWhich planet is red?\nA. Mars\nB. Venus\nAnswer:",
+    "Question: what is two plus two?\nAnswer: ",  # trailing space: moves to the continuation
+    "Once upon a time",
+]
+CONTINUATIONS = [" A", " B", " four", "Mars is red", " there was a dragon"]
+
+
+# -- numerics against transformers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_loglikelihoods_match_transformers(kind):
+    positions = 128 if kind == "llama" else 64
+    torch_model, model = tiny_pair(kind, positions)
+    lm = LM(model, tokenizer(), batch_size=4)
+    requests = [(c, k) for c in CONTEXTS for k in CONTINUATIONS] + [("", "Hello world"), ("", " A")]
+    want = [hf_loglikelihood(torch_model, *harness_tokens(c, k), positions) for c, k in requests]
+    assert_close(lm.loglikelihood(requests), want)
+    too_long = sum(len(c) + len(k) > positions + 1 for c, k in map(lambda r: harness_tokens(*r), requests))
+    assert lm.stats.requests == len(requests) and lm.stats.truncated == too_long
+    # Requests with one context and one-token continuations share a row.
+    assert lm.stats.rows < len(requests)
+
+
+def test_greedy_flag_is_true_for_the_argmax_continuation():
+    torch_model, model = tiny_pair("llama", 128)
+    context_ids = tokenizer()("Once upon a time")["input_ids"]
+    with torch.no_grad():
+        best = int(torch_model(torch.tensor([context_ids])).logits[0, -1].argmax())
+    worst = (best + 1) % VOCAB
+    got = Scorer(model).loglikelihood_tokens([(context_ids, [best]), (context_ids, [worst])])
+    assert [greedy for _, greedy in got] == [True, False]
+    assert_close(got, [hf_loglikelihood(torch_model, context_ids, [t], 128) for t in (best, worst)])
+
+
+def test_left_truncation_matches_transformers_on_the_kept_tokens_and_is_counted():
+    torch_model, model = tiny_pair("gpt2", 64)  # learned positions: 64 of them
+    rs = np.random.RandomState(0)
+    requests = [
+        (rs.randint(1, VOCAB, 100).tolist(), rs.randint(1, VOCAB, 3).tolist()),  # 103 > 65: truncated
+        (rs.randint(1, VOCAB, 62).tolist(), rs.randint(1, VOCAB, 3).tolist()),  # 65 = max_length + 1: kept whole
+        (rs.randint(1, VOCAB, 10).tolist(), rs.randint(1, VOCAB, 64).tolist()),  # long continuation: truncated
+    ]
+    scorer = Scorer(model, batch_size=2)
+    assert scorer.max_length == 64
+    got = scorer.loglikelihood_tokens(requests)
+    assert_close(got, [hf_loglikelihood(torch_model, c, k, 64) for c, k in requests])
+    assert scorer.stats.truncated == 2
+    with pytest.raises(ValueError, match="max_length"):
+        scorer.loglikelihood_tokens([([1], [2] * 65)])
+
+
+# -- the harness's tokenization rules, by hand ------------------------------------------------------
+
+
+def test_trailing_space_moves_to_the_continuation():
+    tok = tokenizer()
+    context_ids, continuation_ids = encode_pair(tok, "Answer: ", "A", prefix_token_id=0)
+    # Byte-level BPE: " A" is one token when the space is in front of it.
+    assert context_ids == tok("Answer:")["input_ids"]
+    assert continuation_ids == tok(" A")["input_ids"]
+    assert (context_ids, continuation_ids) == encode_pair(tok, "Answer:", " A", prefix_token_id=0)
+    # Several whitespace characters move together.
+    assert encode_pair(tok, "Answer:\n ", "A", 0) == encode_pair(tok, "Answer:", "\n A", 0)
+    assert encode_pair(tok, "Answer:\n ", "A", 0)[0] == tok("Answer:")["input_ids"]
+
+
+def test_continuation_tokens_come_from_the_whole_string():
+    tok = tokenizer()
+    # "ab" + "cd": the continuation is what follows the context's tokens in the encoding of "abcd".
+    context_ids, continuation_ids = encode_pair(tok, "hello wor", "ld", 0)
+    whole = tok("hello world")["input_ids"]
+    assert context_ids == tok("hello wor")["input_ids"]
+    assert continuation_ids == whole[len(context_ids) :]
+
+
+def test_empty_context_becomes_the_prefix_token():
+    tok = tokenizer()
+    assert tok.bos_token_id is None and tok.eos_token_id == 0  # so the prefix token is EOS
+    assert scoring.resolve_prefix_token_id(tok) == 0
+    hello = tok("hello world", add_special_tokens=False)["input_ids"]
+    assert encode_pair(tok, "", "hello world", 0) == ([0], hello)
+    # A continuation that starts with the prefix token is its own context.
+    assert encode_pair(tok, "", "<|endoftext|>hello world", 0) == ([0], hello)
+    # An explicit prefix token wins.
+    assert encode_pair(tok, "", "hello world", 7) == ([7], hello)
+
+
+def test_rolling_windows_are_the_harness_windows():
+    # The example in the harness's docstring: tokens 0..9, prefix P, max length 4.
+    p = -1
+    assert rolling_windows(list(range(10)), p, 4) == [
+        ([p], [0, 1, 2, 3]),
+        ([3], [4, 5, 6, 7]),
+        ([5, 6, 7], [8, 9]),
+    ]
+    assert rolling_windows([5, 6], p, 4) == [([p], [5, 6])]
+    assert rolling_windows([], p, 4) == []
+    for n in range(1, 30):  # every token predicted once; every window reads at most max_length tokens
+        windows = rolling_windows(list(range(n)), p, 4)
+        assert [t for _, cont in windows for t in cont] == list(range(n))
+        assert all(len(ctx) + len(cont) <= 5 for ctx, cont in windows)
+
+
+def test_loglikelihood_rolling_equals_the_sum_of_token_logprobs():
+    torch_model, model = tiny_pair("gpt2", 64)
+    tok = tokenizer()
+    text = "It was the best of times, it was the worst of times. " * 4
+    ids = tok(text)["input_ids"]
+    assert len(ids) > 64  # several windows
+    want = sum(hf_loglikelihood(torch_model, c, k, 64)[0] for c, k in rolling_windows(ids, 0, 64))
+    (got,) = LM(model, tok, batch_size=2).loglikelihood_rolling([text])
+    assert abs(got - want) <= ATOL
+
+
+# -- arrangement: batching, buckets, shared prefixes, meshes -----------------------------------------
+
+
+def random_requests(seed: int, n: int, shared: int = 0, extra: int = 40) -> list[tuple[list[int], list[int]]]:
+    """``n`` random contexts (a shared prefix, then up to ``extra`` tokens), each with 1-3 continuations."""
+    rs = np.random.RandomState(seed)
+    prefix = rs.randint(1, VOCAB, shared).tolist()
+    requests = []
+    for _ in range(n):
+        context = prefix + rs.randint(1, VOCAB, rs.randint(1, extra)).tolist()
+        for _ in range(rs.randint(1, 4)):  # one context, several continuations (some share the input)
+            requests.append((context, rs.randint(1, VOCAB, rs.choice([1, 1, 3, 9])).tolist()))
+    return requests
+
+
+def test_batched_bucketed_scoring_equals_one_request_at_a_time():
+    _, model = tiny_pair("llama", 128)
+    requests = random_requests(seed=1, n=9)
+    batched = Scorer(model, batch_size=4, share_prefix=False).loglikelihood_tokens(requests)
+    single = Scorer(model, batch_size=1, share_prefix=False)
+    assert_close(batched, [single.loglikelihood_tokens([r])[0] for r in requests])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # RoPE, and learned positions
+def test_shared_prefix_path_equals_the_plain_path(kind):
+    positions, shared, extra = (128, 64, 40) if kind == "llama" else (64, 30, 20)
+    torch_model, model = tiny_pair(kind, positions)
+    requests = random_requests(2, 10, shared, extra) + random_requests(3, 3, shared - 5, extra)
+    requests += random_requests(seed=4, n=3, extra=extra)  # unrelated: plain rows beside the groups
+    shared_scorer = Scorer(model, batch_size=4, min_shared_prefix=16)
+    plain = Scorer(model, batch_size=4, share_prefix=False)
+    got = shared_scorer.loglikelihood_tokens(requests)
+    assert_close(got, plain.loglikelihood_tokens(requests))
+    assert shared_scorer.stats.prefix_groups == 2
+    assert shared_scorer.stats.computed_tokens < 0.7 * plain.stats.computed_tokens
+    # ...and both equal transformers.
+    assert_close(got[:6], [hf_loglikelihood(torch_model, c, k, positions) for c, k in requests[:6]])
+
+
+def test_a_benchmark_compiles_a_bounded_number_of_programs():
+    _, model = tiny_pair("llama", 128)
+    scorer = Scorer(model, batch_size=4)
+
+    def questions(seed):  # MMLU-like: a shared prompt, a question, the continuations 1..4
+        contexts = {tuple(c) for c, _ in random_requests(seed, n=10, shared=64) + random_requests(seed, 2, extra=60)}
+        return [(c, [k]) for c in sorted(contexts) for k in (1, 2, 3, 4)]
+
+    scorer.loglikelihood_tokens(questions(5))
+    jitted = (scoring._score_plain, scoring._extend_prefix, scoring._score_suffix)
+    compiled = [f._cache_size() for f in jitted]
+    programs = len(scorer.stats.programs)
+    # Other questions, of lengths within the same buckets: nothing new is compiled.
+    scorer.loglikelihood_tokens(questions(6))
+    assert [f._cache_size() for f in jitted] == compiled
+    assert len(scorer.stats.programs) == programs <= 4
+
+
+def test_length_buckets():
+    assert [length_bucket(n) for n in (1, 64, 65, 256, 257, 300, 513, 700, 1024, 1025)] == [
+        64,
+        64,
+        128,
+        256,
+        320,
+        320,
+        640,
+        768,
+        1024,
+        1280,
+    ]
+    assert len({length_bucket(n) for n in range(1, 4097)}) == 20
+
+
+def test_scoring_on_a_mesh_equals_single_device():
+    _, model = tiny_pair("llama", 128)
+    requests = random_requests(seed=7, n=5, shared=64)
+    want = Scorer(model, batch_size=4).loglikelihood_tokens(requests)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    scorer = Scorer(nnx.merge(graphdef, state), batch_size=3, mesh=mesh)
+    assert scorer.batch_size == 4  # rounded up to the 4 batch shards
+    assert_close(scorer.loglikelihood_tokens(requests), want)
+
+
+def test_bad_requests_are_refused():
+    _, model = tiny_pair("llama", 128)
+    scorer = Scorer(model)
+    with pytest.raises(ValueError, match="non-empty"):
+        scorer.loglikelihood_tokens([([], [1])])
+    with pytest.raises(ValueError, match="vocab|token ids"):
+        scorer.loglikelihood_tokens([([1], [VOCAB])])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        scorer.loglikelihood([("a", "b")])
+
+
+# -- the LM interface ----------------------------------------------------------------------------------
+
+
+def test_lm_from_path_accepts_hf_directories_and_checkpoints(tmp_path):
+    from imitax import convert
+
+    torch_model, model = tiny_pair("llama", 128)
+    torch_model.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, tmp_path / "hf" / name)
+    requests = [(CONTEXTS[0], " A"), (CONTEXTS[2], CONTINUATIONS[-1])]
+    want = LM(model, tokenizer()).loglikelihood(requests)
+    assert_close(LM.from_path(tmp_path / "hf", batch_size=2).loglikelihood(requests), want)
+    convert.convert_hf_to_checkpoint(tmp_path / "hf", tmp_path / "ckpt")
+    assert_close(LM.from_path(tmp_path / "ckpt").loglikelihood(requests), want)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="Accepted: an imitax checkpoint.*training workdir.*config.json"):
+        LM.from_path(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        LM.from_path(tmp_path / "missing")
+
+
+def test_generate_until_cuts_at_the_first_stop_string():
+    _, model = tiny_pair("llama", 128)
+    lm = LM(model, tokenizer(), batch_size=2)
+    context = "Once upon a time"
+    full = tokenizer().decode(
+        generate(model, [tokenizer()(context)["input_ids"]], max_new_tokens=12)[0], skip_special_tokens=True
+    )
+    assert len(full) > 6
+    stop = full[4:6]
+    got = lm.generate_until(
+        [
+            (context, {"until": [stop], "max_gen_toks": 12}),
+            (context, {"until": [], "max_gen_toks": 12}),
+            ("Hi", {"max_gen_toks": 5}),
+        ]
+    )
+    assert got[:2] == [full.split(stop)[0], full]
+    assert isinstance(got[2], str)
+    with pytest.raises(ValueError, match="unknown generation settings \\['num_beams'\\]"):
+        lm.generate_until([(context, {"num_beams": 2})])
