@@ -94,7 +94,13 @@ def _docs(splits):
     }
 
 
-def test_every_local_layout_loads_the_same_questions(tmp_path):
+def test_every_local_layout_loads_the_same_questions(tmp_path, monkeypatch):
+    import datasets
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("local files must not touch the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
     want, _ = mmlu.load_local(MMLU_DIR)
     # Combined Parquet files with the hub's names, in all/.
     (tmp_path / "hub" / "all").mkdir(parents=True)
@@ -117,6 +123,7 @@ def test_every_local_layout_loads_the_same_questions(tmp_path):
                 csv.writer(f).writerow([r["question"], *r["choices"], "ABCD"[r["answer"]]])
     for layout in ("hub", "per_subject", "csv"):
         got, info = mmlu.load_local(tmp_path / layout)
+        assert mmlu.MMLU(data_dir=tmp_path / layout).load()[2]["layout"] == info["layout"]
         assert _docs(got) == _docs(want), layout
         assert info["layout"] == {"hub": "combined", "per_subject": "per_subject", "csv": "csv"}[layout]
 

@@ -23,7 +23,8 @@ TIMEOUT_S = 240  # a hung collective must not hang the test suite
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-    with th.compile_settings(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
+    """This module's compile settings (``train_helpers.compile_settings``); yields the cache dir."""
+    with th.compile_settings(th.session_cache_dir(tmp_path_factory)) as cache_dir:
         yield cache_dir
 
 

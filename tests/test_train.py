@@ -47,8 +47,8 @@ MESHES = ["fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-    """This module's compile settings (see ``train_helpers.compile_settings``); yields the cache dir."""
-    with th.compile_settings(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
+    """This module's compile settings (``train_helpers.compile_settings``); yields the cache dir."""
+    with th.compile_settings(th.session_cache_dir(tmp_path_factory)) as cache_dir:
         yield cache_dir
 
 
@@ -199,7 +199,8 @@ def paper_reference(params, grads, *, lr, warmup, b1, b2, weight_decay, clip_nor
       g   <- g * min(1, clip_norm / ||g||)           global-norm clipping over all leaves
       b2t  = 1 - t^(-b2)                             Adafactor's second-moment decay schedule
       v   <- b2t * v + (1 - b2t) * g^2               unfactored second moment
-      u    = lr_t * max(rms(p), 1e-3) * g / sqrt(v)  update scaled by the weight's RMS
+      u    = lr_t * max(rms(p), 1e-3) * g / sqrt(v)  update scaled by the weight's RMS (per layer
+                                                     for the stacked ``layers/*`` leaves)
       m   <- b1 * m + (1 - b1) * u                   momentum (no bias correction)
       p   <- p - m - lr_t * weight_decay * p         decay only on ``decayed`` leaves
     """
@@ -215,7 +216,11 @@ def paper_reference(params, grads, *, lr, warmup, b1, b2, weight_decay, clip_nor
         b2t = 1.0 - t ** (-b2)
         for k in p:
             v[k] = b2t * v[k] + (1 - b2t) * g[k] ** 2
-            u = lr_t * max(math.sqrt(np.mean(p[k] ** 2)), 1e-3) * g[k] / np.sqrt(v[k])
+            if k.startswith("layers/"):  # [layers, ...]: each layer's weight is its own block
+                rms = np.stack([math.sqrt(np.mean(w**2)) for w in p[k]]).reshape(-1, *[1] * (p[k].ndim - 1))
+            else:
+                rms = math.sqrt(np.mean(p[k] ** 2))
+            u = lr_t * np.maximum(rms, 1e-3) * g[k] / np.sqrt(v[k])
             m[k] = b1 * m[k] + (1 - b1) * u
             p[k] = p[k] - m[k] - (lr_t * weight_decay * p[k] if k in decayed else 0.0)
         history.append(dict(p))
@@ -227,7 +232,10 @@ def test_paper_optimizer_matches_its_formula():
     params = {
         "dense": {"kernel": rng.normal(0, 0.5, (3, 4)), "bias": rng.normal(0, 0.1, (4,))},
         "norm": {"scale": 1 + rng.normal(0, 0.1, (4,))},
-    }
+        # Two layers' weights stacked, as the model holds them, of very different magnitudes.
+        "layers": {"kernel": rng.normal(0, 1, (2, 3, 4)) * np.array([0.5, 0.02])[:, None, None],
+                   "scale": 1 + rng.normal(0, 0.1, (2, 4))},
+    }  # fmt: skip
     params = jax.tree.map(lambda x: x.astype(np.float32), params)
     flat = lambda tree: {f"{a}/{b}": x for a, sub in tree.items() for b, x in sub.items()}  # noqa: E731
     # Gradient norms above and below clip_norm, so that clipping both acts and stays out of the way.
@@ -247,7 +255,9 @@ def test_paper_optimizer_matches_its_formula():
         schedule="constant",
     )
     optimizer, schedule = optim.make_optimizer(cfg, total_steps=100)
-    expected = paper_reference(flat(params), [flat(g) for g in grads], decayed={"dense/kernel"}, **settings)
+    expected = paper_reference(
+        flat(params), [flat(g) for g in grads], decayed={"dense/kernel", "layers/kernel"}, **settings
+    )
     state = optimizer.init(params)
     current = params
     for t, (g, want) in enumerate(zip(grads, expected, strict=True), start=1):

@@ -147,6 +147,17 @@ COMPILE_SETTINGS = {
 }
 
 
+def session_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """One compilation cache directory per pytest session, so the trainer test modules share programs.
+
+    Only the directory is session-wide; :func:`compile_settings` applies the settings module by
+    module, so other test modules run with JAX's defaults.
+    """
+    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def compile_settings(cache_dir: str | os.PathLike) -> Iterator[str]:
     """Applies :data:`COMPILE_SETTINGS` with a compilation cache in ``cache_dir``, then restores JAX's."""

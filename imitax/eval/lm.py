@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from imitax import convert
 from imitax.eval import scoring
@@ -130,7 +131,9 @@ class LM:
         is encoded with the tokenizer's default special tokens and truncated
         from the left to ``max_length - max_gen_toks`` tokens, and the new
         tokens are decoded without special tokens. Requests with equal settings
-        are generated together, ``batch_size`` at a time.
+        are generated together, ``batch_size`` at a time. When sampling, every
+        request draws its own sample (copies of one request give independent
+        samples, e.g. for pass@k), and a rerun with the same seed repeats them.
 
         Raises:
           ValueError: unknown settings, or ``max_gen_toks >= max_length``.
@@ -162,7 +165,8 @@ class LM:
                     top_p=s["top_p"],
                     eos_token_id=eos,
                     pad_token_id=self.tokenizer.pad_token_id or 0,
-                    seed=s["seed"],
+                    # Each batch its own stream: copies of one request in different batches must differ.
+                    seed=int(np.random.SeedSequence([s["seed"], start]).generate_state(1)[0] >> 1),
                     mesh=self.mesh,
                 )
                 for j, tokens in zip(chunk, new_tokens, strict=True):

@@ -33,7 +33,7 @@ examples, ~84% of every prompt) form a group: the prefix's KV cache is computed
 once and every row's suffix is scored against it, with positions continuing
 after the prefix, so the prefix is never recomputed. Other rows run plainly.
 Rows are left-padded (so the scored positions are the last slots of every row)
-into a small set of length buckets (multiples of 64 up to 256, then four per
+into a small set of length buckets (multiples of 32 up to 512, then eight per
 power of two) and a fixed batch size, so a whole benchmark compiles a bounded
 number of programs; :attr:`Scorer.stats` counts them. Only the scored positions
 are projected onto the vocabulary, and the log-softmax is computed in float32.
@@ -45,6 +45,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -71,7 +72,7 @@ __all__ = [
 
 DEFAULT_BATCH_SIZE = 8
 # Positions projected onto the vocabulary at once: bounds the [batch, chunk, vocab] logits.
-_VOCAB_CHUNK = 64
+_VOCAB_CHUNK = 32
 # Shared prefixes are computed in chunks of this many tokens (one program per cache length).
 _PREFIX_CHUNK = 128
 # Batches dispatched ahead of the one being read back (JAX dispatches asynchronously).
@@ -186,24 +187,30 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def length_bucket(n: int) -> int:
-    """Rounds a sequence length up: multiples of 64 up to 256, then four buckets per power of two.
+    """Rounds a sequence length up: multiples of 32 up to 512, then eight buckets per power of two.
 
-    Padding wastes at most 64 tokens below 256 and at most a quarter above, and
-    lengths up to 4096 fall into 20 buckets.
+    Padding wastes fewer than 32 tokens up to 512 and at most an eighth above
+    (a 5-shot MMLU question's suffix after the shared prefix is ~140 tokens,
+    where coarser buckets wasted a third of the work), and lengths up to 4096
+    fall into 40 buckets, of which a benchmark meets a handful.
     """
-    if n <= 256:
-        return max(64, _round_up(n, 64))
-    step = 2 ** (math.ceil(math.log2(n)) - 3)
+    if n <= 512:
+        return max(32, _round_up(n, 32))
+    step = 2 ** (math.ceil(math.log2(n)) - 4)
     return _round_up(n, step)
 
 
 def _window_bucket(n: int) -> int:
-    """Scored positions per row: 1 (one-token continuations), 16, 64, then a length bucket.
+    """Scored positions per row: 1 (one-token continuations), 16, then a length bucket (never above the row's).
 
-    Coarse on purpose: each bucket is another compiled program, and projecting a
-    few unneeded positions onto the vocabulary costs little.
+    Coarse at the bottom on purpose: each bucket is another compiled program,
+    and projecting a few unneeded positions onto the vocabulary costs little.
     """
-    return 1 if n == 1 else 16 if n <= 16 else 64 if n <= 64 else length_bucket(n)
+    return 1 if n == 1 else 16 if n <= 16 else length_bucket(n)
+
+
+def _pow2(n: int) -> int:
+    return 2 ** math.ceil(math.log2(max(n, 1)))
 
 
 def _candidates_bucket(n: int) -> int:
@@ -230,7 +237,7 @@ def _scores(model: Transformer, h_bwe, targets_bw, cands_bk):
     b, w, e = h_bwe.shape
     if w <= _VOCAB_CHUNK:
         target_bw, greedy_bw, last_bv, last_lse_b = chunk(h_bwe, targets_bw)
-    else:  # Windows above 64 are length buckets, all multiples of 64.
+    else:  # Windows above 32 are length buckets, all multiples of 32.
         n = w // _VOCAB_CHUNK
         h_nbce = h_bwe.reshape(b, n, _VOCAB_CHUNK, e).swapaxes(0, 1)
         t_nbc = targets_bw.reshape(b, n, _VOCAB_CHUNK).swapaxes(0, 1)
@@ -305,7 +312,8 @@ class ScoringStats:
       padded_tokens: ``computed_tokens`` plus padding.
       prefix_groups: groups of rows that shared a prefix cache.
       shared_prefix_tokens: tokens of those prefixes (each counted once).
-      programs: the shapes compiled for (or reused by) this scorer: each is one XLA program.
+      programs: the program shapes this scorer has run, each one compiled XLA
+        program (:meth:`since`: those first run in the span, i.e. compiled then).
       seconds: wall-clock time spent scoring.
     """
 
@@ -330,7 +338,7 @@ class ScoringStats:
             for f in dataclasses.fields(self)
             if f.name != "programs"
         }
-        return ScoringStats(**fields, programs=set(self.programs))
+        return ScoringStats(**fields, programs=self.programs - earlier.programs)
 
     def to_dict(self) -> dict:
         """JSON-able summary (``programs`` as a count)."""
@@ -447,8 +455,8 @@ class Scorer:
         if mesh is None and not jax.sharding.get_mesh().empty:
             mesh = jax.sharding.get_mesh()
         self.mesh = mesh
-        shards = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-        self.batch_size = _round_up(batch_size, shards)
+        self._shards = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        self.batch_size = _round_up(batch_size, self._shards)
         self._prefix_token_id = prefix_token_id
         self.share_prefix, self.min_shared_prefix = share_prefix, max(1, min_shared_prefix)
         self.stats = ScoringStats()
@@ -493,8 +501,15 @@ class Scorer:
           ValueError: an empty context or continuation, a continuation longer
             than ``max_length``, or token ids outside the vocabulary.
         """
-        start = time.perf_counter()
+        start, truncated = time.perf_counter(), self.stats.truncated
         rows = self._rows(requests)
+        if self.stats.truncated > truncated:
+            logging.warning(
+                "%d of %d requests exceed max_length + 1 = %d tokens: truncated from the left, as the harness does",
+                self.stats.truncated - truncated,
+                len(requests),
+                self.max_length + 1,
+            )
         self.stats.rows += len(rows)
         self.stats.input_tokens += sum(len(r.tokens) for r in rows)
 
@@ -505,6 +520,8 @@ class Scorer:
         # Longest first (as the harness): the slowest batches and any out-of-memory come first.
         plain.sort(key=lambda i: -len(rows[i].tokens))
         work = [(None, plain[j : j + self.batch_size]) for j in range(0, len(plain), self.batch_size)]
+        # One cache length for every group of the call: it multiplies the suffix programs otherwise.
+        cache_len = max((self._cache_len(rows, prefix, members) for prefix, members in groups), default=0)
         for prefix, members in groups:
             members = sorted(members, key=lambda i: -len(rows[i].tokens))
             chunks = [members[j : j + self.batch_size] for j in range(0, len(members), self.batch_size)]
@@ -524,7 +541,7 @@ class Scorer:
                     prefix, members = group
                     if id(members) not in caches:  # The group's first batch: compute its prefix once.
                         caches.clear()
-                        caches[id(members)] = self._run_prefix(graphdef, state, rows, prefix, members)
+                        caches[id(members)] = self._run_prefix(graphdef, state, rows[members[0]], prefix, cache_len)
                     batch = self._batch(rows, row_ids, prefix)
                     out = self._run_suffix(graphdef, state, batch, *caches[id(members)])
                 pending.append((batch, out))
@@ -540,22 +557,25 @@ class Scorer:
         """Truncates requests as the harness does and merges those with equal model inputs."""
         vocab, limit = self.model.cfg.vocab_size, self.max_length
         rows: list[_Row] = []
-        row_of: dict[tuple[int, ...], int] = {}
+        row_of: dict[bytes, int] = {}
+        contexts: dict[int, np.ndarray] = {}  # A question's choices share one context list: convert it once.
         for i, (context, continuation) in enumerate(requests):
-            context, continuation = list(map(int, context)), list(map(int, continuation))
-            if not context or not continuation:
+            if id(context) not in contexts:
+                contexts[id(context)] = np.asarray(context, np.int64).reshape(-1)
+            context_t, continuation = contexts[id(context)], [int(t) for t in continuation]
+            if not context_t.size or not continuation:
                 raise ValueError(f"request {i}: context and continuation must be non-empty token lists")
             if len(continuation) > limit:
                 raise ValueError(f"request {i}: continuation of {len(continuation)} tokens > max_length {limit}")
-            whole = context + continuation
-            if not all(0 <= t < vocab for t in whole):
+            whole = np.concatenate([context_t[-(limit + 1) :], continuation])
+            if whole.min() < 0 or whole.max() >= vocab:
                 raise ValueError(f"request {i}: token ids must be in [0, {vocab})")
-            if len(whole) > limit + 1:
+            if context_t.size + len(continuation) > limit + 1:
                 self.stats.truncated += 1
-            inputs = tuple(whole[-(limit + 1) :][:-1])
-            r = row_of.setdefault(inputs, len(rows))
+            inputs = whole[-(limit + 1) :][:-1].astype(np.int32)
+            r = row_of.setdefault(inputs.tobytes(), len(rows))
             if r == len(rows):
-                rows.append(_Row(np.asarray(inputs, np.int32)))
+                rows.append(_Row(inputs))
             row = rows[r]
             row.window = max(row.window, len(continuation))
             row.requests.append((i, continuation))
@@ -570,7 +590,8 @@ class Scorer:
         width = length_bucket(max(lengths))
         window = _window_bucket(max(rows[i].window for i in row_ids))
         k = _candidates_bucket(max(len(rows[i].candidates) for i in row_ids))
-        b = self.batch_size
+        # A partial batch (a group's last) shrinks to a power of two: dummy rows cost as much as real ones.
+        b = min(self.batch_size, _round_up(_pow2(len(row_ids)), self._shards))
         tokens_bt = np.zeros((b, width), np.int32)
         positions_bt = np.zeros((b, width), np.int32)
         segment_ids_bt = np.zeros((b, width), np.int32)
@@ -601,16 +622,19 @@ class Scorer:
         arrays = self._put(batch.tokens_bt, batch.positions_bt, batch.segment_ids_bt, batch.targets_bw, batch.cands_bk)
         return _score_plain(graphdef, state, *arrays, window=batch.window)
 
-    def _run_prefix(self, graphdef, state, rows: list[_Row], prefix: int, members: list[int]):
-        """The KV cache of a group's shared prefix, computed in fixed-width chunks (one compiled program)."""
+    @staticmethod
+    def _cache_len(rows: list[_Row], prefix: int, members: list[int]) -> int:
+        """Slots for a group's prefix (whole chunks) and, after it, its longest suffix batch."""
         longest_suffix = max(len(rows[i].tokens) for i in members) - prefix
-        # Room for the prefix's last chunk and for the longest suffix batch written after the prefix.
-        cache_len = length_bucket(max(_round_up(prefix, _PREFIX_CHUNK), prefix + length_bucket(longest_suffix)))
+        return _round_up(prefix + length_bucket(longest_suffix), _PREFIX_CHUNK)
+
+    def _run_prefix(self, graphdef, state, row: _Row, prefix: int, cache_len: int):
+        """The KV cache of ``row``'s first ``prefix`` tokens, computed in fixed-width chunks (one program)."""
         abstract = jax.eval_shape(lambda: self.model.init_cache(1, cache_len))
         cache = {k: np.zeros(v.shape, v.dtype) for k, v in abstract.items()}
         put = functools.partial(jax.device_put, device=None if self.mesh is None else sharding.replicated(self.mesh))
         cache = put(cache)  # One row: on a mesh every device holds it (replicated).
-        tokens = rows[members[0]].tokens[:prefix]
+        tokens = row.tokens[:prefix]
         for start in range(0, prefix, _PREFIX_CHUNK):
             n = min(_PREFIX_CHUNK, prefix - start)
             tokens_1c = np.zeros((1, _PREFIX_CHUNK), np.int32)

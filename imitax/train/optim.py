@@ -78,6 +78,30 @@ def _scheduled_decoupled_weight_decay(schedule: Callable, rate: float) -> optax.
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _scale_by_weight_rms(min_scale: float = 1e-3) -> optax.GradientTransformation:
+    """``update *= max(rms(weight), min_scale)``, with each layer's weight its own block.
+
+    Adafactor's ``multiply_by_parameter_scale``, except for the blocks: the model
+    stacks all layers' weights of one kind into one array with a leading
+    ``layers`` axis (``params['layers'][...]``), where Optax's version would take
+    one RMS over every layer together. The study's code held one array per layer
+    and scaled each by its own RMS, which is what this does.
+    """
+
+    def scale(path, p):
+        stacked = str(getattr(path[0], "key", path[0])) == "layers"
+        axes = tuple(range(1, p.ndim)) if stacked else None
+        return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(p), axis=axes, keepdims=stacked)), min_scale)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("the paper optimizer's parameter scaling needs the params in update()")
+        scales = jax.tree_util.tree_map_with_path(scale, params)
+        return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
     """The optimizer named by ``cfg.name`` and its learning-rate schedule.
 
@@ -86,8 +110,9 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
       clipping, then unfactored Adafactor with momentum ``b1``, ``decay_rate=b2``
       (Optax reads it as the exponent of the second-moment decay schedule
       ``1 - t^-b2``, as EasyLM passed it) and ``multiply_by_parameter_scale``
-      (updates scaled by each weight's RMS: "AdamW with gradients re-scaled by the
-      magnitude of each weight"), then learning-rate-scheduled decoupled decay.
+      (updates scaled by each weight's RMS, each layer's on its own: "AdamW with
+      gradients re-scaled by the magnitude of each weight"), then
+      learning-rate-scheduled decoupled decay.
     - ``lion``: Lion with decoupled weight decay, global-norm clipping.
     """
     name = cfg.name
@@ -113,16 +138,15 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
             schedule, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype, weight_decay=cfg.weight_decay, mask=decay_mask
         )
     else:
+        # optax.adafactor(learning_rate=schedule, multiply_by_parameter_scale=True, momentum=b1,
+        # decay_rate=b2, factored=False, clipping_threshold=None), spelled out to scale by each
+        # layer's weight RMS (see _scale_by_weight_rms).
         opt = optax.chain(
-            optax.adafactor(
-                learning_rate=schedule,
-                multiply_by_parameter_scale=True,
-                momentum=cfg.b1,
-                decay_rate=cfg.b2,
-                factored=False,
-                clipping_threshold=None,
-                dtype_momentum=mu_dtype,
-            ),
+            optax.scale_by_factored_rms(factored=False, decay_rate=cfg.b2),
+            optax.scale_by_learning_rate(schedule, flip_sign=False),
+            _scale_by_weight_rms(),
+            optax.ema(cfg.b1, debias=False, accumulator_dtype=mu_dtype),
+            optax.scale(-1.0),
             optax.masked(_scheduled_decoupled_weight_decay(schedule, cfg.weight_decay), decay_mask),
         )
     return optax.chain(clip, opt), schedule
