@@ -1,0 +1,231 @@
+"""Shared helpers for the benchmark scripts: timing, matmul peaks, FLOP counts, tables.
+
+The development machine is shared and noisy, so every helper here is built to
+compare things *within one run*: :func:`time_interleaved` runs the contenders
+round-robin (a load spike hits all of them alike) and reports medians, and the
+matmul peaks that MFU is quoted against are measured in the same process.
+
+XLA's CPU backend can send dots to different kernel libraries. The options in
+:data:`XLA_DOT_BACKENDS` are passed per compilation (``jax.jit(...,
+compiler_options=...)``), so one process can time several of them side by side;
+:func:`xla_flags_for` gives the equivalent ``XLA_FLAGS`` string for users, which
+must be set before JAX initializes its CPU backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dot kernel libraries of jaxlib 0.10's CPU backend, as per-compile DebugOptions.
+# 'ynn' is the default (YNNPACK fusions of single dots). Clearing the YNN fusion
+# list leaves plain HLO dots, which the runtime runs with Eigen ('eigen'), or
+# which the oneDNN fusion pass claims when it is switched on ('onednn').
+XLA_DOT_BACKENDS: dict[str, dict[str, Any]] = {
+    "ynn": {},
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "onednn": {
+        "xla_cpu_experimental_ynn_fusion_type": "",
+        "xla_cpu_use_onednn": True,
+        "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    },
+}
+
+# The same settings spelled for the XLA_FLAGS environment variable.
+_FLAG_VALUES = {"": "", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT": "individual_dot", True: "true", False: "false"}
+
+
+def xla_flags_for(options: Mapping[str, Any]) -> str:
+    """The ``XLA_FLAGS`` string equivalent to per-compile ``options``."""
+    return " ".join(f"--{k}={_FLAG_VALUES.get(v, v)}" for k, v in options.items())
+
+
+# -- timing ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Samples of one callable, in seconds: wall clock, and CPU time of the whole process.
+
+    CPU time (all threads) is a second opinion on a loaded machine: waiting for a
+    core inflates wall time but not CPU time (spin-waiting threads inflate both).
+    """
+
+    samples: tuple[float, ...]
+    cpu_samples: tuple[float, ...] = ()
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def best(self) -> float:
+        return min(self.samples)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_samples) if self.cpu_samples else float("nan")
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how noisy the samples were."""
+        return (max(self.samples) - min(self.samples)) / self.median
+
+
+def block(x: Any) -> Any:
+    """Waits for JAX's asynchronous dispatch; PyTorch CPU results are already done."""
+    return jax.block_until_ready(x) if isinstance(x, jax.Array) else x
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1, iters: int = 5) -> dict[str, Timing]:
+    """Times each callable ``iters`` times after ``warmup`` untimed calls, round-robin.
+
+    Each round runs every callable once, so slow phases of a shared machine are
+    spread over all contenders instead of landing on whichever ran then.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            block(fn())
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            block(fn())
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: Timing(tuple(wall[name]), tuple(cpu[name])) for name in fns}
+
+
+def paired_speedup(faster: Timing, baseline: Timing) -> float:
+    """Median over rounds of ``baseline / faster`` wall time (samples from one interleaved run).
+
+    Pairing each round's samples cancels load changes slower than one round,
+    which a ratio of the two medians does not.
+    """
+    return statistics.median(b / f for f, b in zip(faster.samples, baseline.samples, strict=True))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)``, waiting for the result."""
+    start = time.perf_counter()
+    out = block(fn())
+    return out, time.perf_counter() - start
+
+
+# -- matmul peaks --------------------------------------------------------------------
+
+
+def matmul_peaks(
+    sizes: Sequence[int],
+    *,
+    xla_backends: Mapping[str, Mapping[str, Any]] = XLA_DOT_BACKENDS,
+    torch_threads: int | None = None,
+    iters: int = 5,
+    dtype=np.float32,
+) -> dict[str, dict[int, float]]:
+    """Median GFLOP/s of an ``n x n @ n x n`` matmul per library and size.
+
+    Args:
+      sizes: the ``n`` values.
+      xla_backends: name -> XLA compile options for ``jnp.dot`` (one entry per kernel library).
+      torch_threads: threads for ``torch.matmul`` (None: do not time PyTorch).
+      iters: timed repetitions per size and library (after one warm-up).
+      dtype: operand dtype.
+
+    Returns:
+      ``{'xla:<backend>' or 'torch': {n: GFLOP/s}}``.
+    """
+    rng = np.random.default_rng(0)
+    out: dict[str, dict[int, float]] = {}
+    for n in sizes:
+        a_np, b_np = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
+        for name, timing in _time_matmuls(a_np, b_np, xla_backends, torch_threads, iters).items():
+            out.setdefault(name, {})[n] = 2 * n**3 / timing.median / 1e9
+    return out
+
+
+def _time_matmuls(a_np, b_np, xla_backends, torch_threads, iters) -> dict[str, Timing]:
+    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+    fns: dict[str, Callable[[], Any]] = {}
+    for name, options in xla_backends.items():
+        compiled = jax.jit(jnp.dot, compiler_options=dict(options)).lower(a, b).compile()
+        fns[f"xla:{name}"] = lambda c=compiled: c(a, b)
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        fns["torch"] = lambda: torch.matmul(ta, tb)
+    return time_interleaved(fns, warmup=1, iters=iters)
+
+
+# -- FLOP counts -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardFlops:
+    """FLOPs of one forward pass, split by where they are spent.
+
+    ``matmul``: 2 x (weights that multiply activations) x tokens, i.e. every
+    projection in every layer plus the LM head; the embedding lookup, norms,
+    biases and activations are not counted. ``attention``: 4 x T x S x heads x
+    head_dim per layer and sequence (QK^T and PV), counted over the full T x S
+    square (PaLM's convention), although causal kernels may skip the masked half.
+    """
+
+    matmul: float
+    attention: float
+
+    @property
+    def total(self) -> float:
+        return self.matmul + self.attention
+
+
+def matmul_params(cfg) -> int:
+    """Weights that take part in matmuls: projections of every layer plus the LM head."""
+    e, h, k, d, m = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    attn = e * d * (h + 2 * k) + h * d * e
+    mlp = e * m * (3 if cfg.gated_mlp else 2)
+    return cfg.num_layers * (attn + mlp) + e * cfg.vocab_size
+
+
+def forward_flops(cfg, batch: int, seq: int) -> ForwardFlops:
+    """FLOPs of ``model(tokens[batch, seq])`` for an imitax ``TransformerConfig``."""
+    tokens = batch * seq
+    attention = 4 * seq * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers * batch
+    return ForwardFlops(matmul=2.0 * matmul_params(cfg) * tokens, attention=float(attention))
+
+
+# -- reporting -----------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with right-aligned columns (Markdown-compatible pipes)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    """One line naming the software and machine a result came from."""
+    import torch
+    import transformers
+
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"load average {load}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )

@@ -1,0 +1,457 @@
+r"""Train-step throughput and memory of imitax vs transformers + PyTorch AdamW, in one run.
+
+  python benchmarks/train_benchmark.py                       # GPT-2-124M 8x512, LLaMA-1B 2x512
+  python benchmarks/train_benchmark.py --model=gpt2 --iters=3
+  python benchmarks/train_benchmark.py --model=llama1b --llama_layers=8   # less memory
+  python benchmarks/train_benchmark.py --smoke               # tiny shapes, seconds
+
+What one run measures, in this order:
+
+1. The float32 matmul peak of each XLA dot backend and of PyTorch: MFU is quoted against the
+   faster of them (the machine's real limit, measured now: the machine is shared and noisy).
+2. Per model: a randomly initialized transformers model (float32, SDPA attention, dropout off)
+   and an imitax model holding the same weights. imitax's train step is the trainer's own:
+   ``optim.make_optimizer`` (AdamW with global-norm clipping 1.0), ``state.create_train_state``,
+   ``step.jit_train_step`` (explicit shardings, donated state), on one CPU device. PyTorch's is
+   ``zero_grad; loss = model(input_ids, labels=input_ids).loss; backward; clip_grad_norm_(1.0);
+   AdamW.step()`` with the same hyperparameters. Both see the same batch of random tokens and
+   put the loss on the same ``seq - 1`` next-token targets per row; their first losses must agree.
+3. Steps are timed round-robin after warm-up, medians reported (compile time excluded, shown
+   apart). FLOPs per token are the trainer's own count (``metrics.train_flops_per_token``:
+   6 x matmul weights + the full seq x seq attention), the same for both implementations.
+4. Memory: imitax's compiled step's memory analysis (arguments, outputs aliased to the donated
+   inputs, temporaries) in bytes per parameter; the bytes of live JAX arrays before and after the
+   timed steps (the same: one train state at a time, each step's output replacing its donated
+   input); PyTorch's parameter + gradient + AdamW-state bytes per parameter.
+
+When both implementations of a model do not fit in memory together (``MemAvailable``), they run
+one after the other (imitax first, freed, then PyTorch with the same seed's weights) instead of
+round-robin (``--order`` forces either); the notes say so. A phase that would not fit at all is
+skipped with a note.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import sys
+import time
+
+from absl import app, flags
+
+# Run as a script from anywhere: make the repo root importable for `benchmarks`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from imitax import models, sharding  # noqa: E402
+from imitax.convert import core  # noqa: E402
+from imitax.train import metrics, optim  # noqa: E402
+from imitax.train import state as train_state  # noqa: E402
+from imitax.train import step as train_step  # noqa: E402
+
+_MODEL = flags.DEFINE_enum("model", "all", ["gpt2", "llama1b", "all"], "Which model shape to benchmark.")
+_ITERS = flags.DEFINE_integer("iters", 3, "Timed steps per implementation (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps per implementation before timing.")
+_BATCH = flags.DEFINE_integer("batch", None, "Batch size (default: 8 for gpt2, 2 for llama1b).")
+_SEQ = flags.DEFINE_integer("seq", 512, "Sequence length.")
+_LLAMA_LAYERS = flags.DEFINE_integer("llama_layers", 16, "Layers of the LLaMA shape (16: ~0.95B parameters).")
+_XLA_BACKENDS = flags.DEFINE_list(
+    "xla_backends", ["ynn"], f"XLA dot backends to compile imitax's step with (of {sorted(common.XLA_DOT_BACKENDS)})."
+)
+_PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["2048"], "Square matmul sizes for the peak (the largest: the probe).")
+_PROBE_REPS = flags.DEFINE_integer("probe_reps", 5, "Matmuls per library per round in the roofline probe.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch.set_num_threads (default: one per CPU).")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"], "imitax rematerialization.")
+_ORDER = flags.DEFINE_enum(
+    "order",
+    "auto",
+    ["auto", "round_robin", "sequential"],
+    "auto: round-robin when both implementations fit in memory together, else one after the other.",
+)
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes and few iterations: checks that the script runs.")
+
+# AdamW as both implementations run it (PyTorch's default betas and decay, clipping as the trainer).
+LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.999), 1e-8, 0.01, 1.0
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    cfg: models.TransformerConfig
+    batch: int
+    seq: int
+
+
+def cases(smoke: bool) -> list[Case]:
+    """The model shapes (random weights; nothing is downloaded)."""
+    gpt2 = models.preset("gpt2")
+    # LLaMA-shaped, ~0.95B parameters with 16 layers: TinyLlama's widths, full multi-head attention.
+    llama = models.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        num_layers=_LLAMA_LAYERS.value,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=64,
+        mlp_dim=5632,
+        max_position_embeddings=2048,
+        norm_eps=1e-5,
+    )
+    batch, seq = _BATCH.value, _SEQ.value
+    if smoke:
+        gpt2 = gpt2.replace(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=256)
+        llama = llama.replace(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=160)
+        batch, seq = batch or 2, min(seq, 64)
+    options = dict(dtype="float32", param_dtype="float32", scan_layers=True, remat=_REMAT.value)
+    out = {
+        "gpt2": Case(f"gpt2-{gpt2.num_params() / 1e6:.0f}m", gpt2.replace(**options), batch or 8, seq),
+        "llama1b": Case(f"llama-{llama.num_params() / 1e6:.0f}m", llama.replace(**options), batch or 2, seq),
+    }
+    return [out[m] for m in (["gpt2", "llama1b"] if _MODEL.value == "all" else [_MODEL.value])]
+
+
+def mem_available() -> int:
+    """Bytes the kernel could give this process now (``MemAvailable``)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def hf_model(cfg: models.TransformerConfig) -> torch.nn.Module:
+    """transformers' model of ``cfg``, float32, SDPA attention, no dropout; seeded (same weights every call)."""
+    torch.manual_seed(0)
+    hf_cfg = cfg.to_hf_config()
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
+        if hasattr(hf_cfg, name):
+            setattr(hf_cfg, name, 0.0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
+    return model.train()
+
+
+def batches(case: Case) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """One batch of random tokens for both: the loss on each row's ``seq - 1`` next tokens."""
+    tokens = np.random.default_rng(0).integers(0, case.cfg.vocab_size, (case.batch, case.seq), dtype=np.int32)
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    mask = np.ones(tokens.shape, np.float32)
+    mask[:, -1] = 0  # transformers' labels=input_ids shifts the same way: no target after the last token
+    batch = {
+        "inputs": tokens,
+        "targets": targets,
+        "loss_mask": mask,
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(case.seq, dtype=np.int32), tokens.shape).copy(),
+    }
+    return batch, torch.from_numpy(tokens.astype(np.int64))
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=LR,
+            schedule="constant",
+            warmup_steps=0,
+            final_lr_fraction=0.0,
+            weight_decay=WEIGHT_DECAY,
+            b1=BETAS[0],
+            b2=BETAS[1],
+            eps=EPS,
+            clip_norm=CLIP,
+            mu_dtype="float32",
+        )
+    )
+
+
+def live_bytes() -> int:
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
+class ImitaxStep:
+    """imitax's train step on one device, compiled per XLA dot backend, sharing one train state.
+
+    Compiled against abstract shapes first, so that its exact memory needs are known before
+    anything big is allocated; :meth:`load` then creates the train state.
+    """
+
+    def __init__(self, case: Case, notes: list[str]):
+        self.case = case
+        abstract = models.abstract_model(case.cfg)
+        self.mesh = sharding.make_mesh("fsdp=-1", devices=jax.devices()[:1])
+        self.optimizer, schedule = optim.make_optimizer(optimizer_config(), total_steps=1000)
+        self.shardings = train_state.state_shardings(abstract, self.optimizer, self.mesh)
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        np_batch, _ = batches(case)
+        with jax.set_mesh(self.mesh):
+            self.batch = {k: jax.device_put(v, batch_sharding) for k, v in np_batch.items()}
+            fn = train_step.make_train_step(nnx.graphdef(abstract), self.optimizer, schedule)
+            jitted = train_step.jit_train_step(fn, self.shardings, batch_sharding)
+            abstract_state = train_state.abstract_train_state(abstract, self.optimizer, self.shardings)
+            start = time.perf_counter()
+            lowered = jitted.lower(abstract_state, self.batch)
+            self.compiled = {}
+            for backend in _XLA_BACKENDS.value:
+                self.compiled[backend] = lowered.compile(compiler_options=dict(common.XLA_DOT_BACKENDS[backend]))
+                notes.append(f"{case.name} imitax[{backend}]: lower+compile {time.perf_counter() - start:.1f} s")
+                start = time.perf_counter()
+        self.analysis = self.compiled[_XLA_BACKENDS.value[0]].memory_analysis()
+        a = self.analysis
+        self.peak = a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes
+        self.state = None
+
+    def load(self, params: dict) -> None:
+        """Creates the train state around ``params`` (numpy, as ``core.params_from_hf`` makes them)."""
+        model = core.model_from_params(self.case.cfg, params)
+        with jax.set_mesh(self.mesh):
+            self.state = train_state.create_train_state(model, self.optimizer, self.shardings, seed=0)
+        self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
+
+    def step(self, backend: str) -> float:
+        """One step (the state is donated and replaced); returns the loss of the weights it started from."""
+        with jax.set_mesh(self.mesh):
+            old = jax.tree.leaves(self.state)[0]
+            self.state, out = self.compiled[backend](self.state, self.batch)
+            jax.block_until_ready((self.state, out))
+        assert old.is_deleted(), "the train state was not donated: two copies were alive"
+        return float(out["loss"])
+
+
+class TorchStep:
+    """transformers + torch.optim.AdamW, the same work as the imitax step."""
+
+    def __init__(self, case: Case, model: torch.nn.Module):
+        self.model = model
+        _, self.tokens = batches(case)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+    def step(self) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def state_bytes(self) -> int:
+        """Parameters, gradients and AdamW's two moments (after at least one step)."""
+        total = 0
+        for p in self.model.parameters():
+            total += p.numel() * p.element_size() * (2 if p.grad is not None else 1)
+            for value in self.optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    total += value.numel() * value.element_size()
+        return total
+
+
+class MatmulProbe:
+    """A few ``n x n`` float32 matmuls per library, timed in the same rounds as the train steps.
+
+    The machine is shared: its free capacity drifts during a run (within minutes, by several
+    times). A peak measured once would compare steps with a matmul rate of another moment; a
+    probe in every round gives each step's own roofline (the faster library, that round).
+    """
+
+    def __init__(self, n: int, reps: int):
+        rng = np.random.default_rng(0)
+        a_np, b_np = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+        self.flops = 2.0 * n**3 * reps
+        self.fns = {}
+        a, b = jax.numpy.asarray(a_np), jax.numpy.asarray(b_np)
+        for backend in _XLA_BACKENDS.value:
+            options = dict(common.XLA_DOT_BACKENDS[backend])
+            dot = jax.jit(jax.numpy.dot, compiler_options=options).lower(a, b).compile()
+            self.fns[f"matmul[xla:{backend}]"] = lambda dot=dot: jax.block_until_ready([dot(a, b) for _ in range(reps)])
+        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        self.fns["matmul[torch]"] = lambda: [torch.matmul(ta, tb) for _ in range(reps)][-1]
+
+    def peaks(self, timings: dict[str, common.Timing]) -> list[float]:
+        """Each round's roofline, FLOP/s: the faster library in that round."""
+        rates = [[self.flops / t for t in timings[name].samples] for name in self.fns]
+        return [max(r) for r in zip(*rates, strict=True)]
+
+
+def bench_case(case: Case, probe: MatmulProbe, iters: int) -> tuple[list[list[str]], list[list[str]], list[str]]:
+    """Times one model shape; returns throughput rows, memory rows and notes."""
+    cfg = case.cfg
+    n = cfg.num_params()
+    notes = [f"{case.name}: {n / 1e6:.0f}M parameters, batch {case.batch} x {case.seq}, float32 compute and state"]
+    jx = ImitaxStep(case, notes)  # compiled only: its memory analysis tells what it will need
+    # PyTorch holds parameters, gradients and two moments (16 B/param) plus activations, taken to be
+    # about imitax's temporaries (its gradients and saved activations). Building the imitax model
+    # from the transformers one holds about 3 copies of the weights at once.
+    jax_need, torch_need = max(jx.peak, 12 * n), 16 * n + jx.analysis.temp_size_in_bytes
+    available = mem_available()
+    together = jax_need + torch_need + 4 * n < 0.85 * available
+    if _ORDER.value != "auto":
+        together = _ORDER.value == "round_robin"
+    notes.append(
+        f"{case.name}: peaks imitax {jax_need / GIB:.1f} GiB (compiled), torch ~{torch_need / GIB:.1f} GiB; "
+        f"{available / GIB:.1f} GiB available: {'round-robin' if together else 'one after the other'}"
+    )
+    timings: dict[str, common.Timing] = {}
+    peaks: dict[str, list[float]] = {}  # each implementation's rounds' rooflines
+    first_loss: dict[str, float] = {}
+    memory_rows: list[list[str]] = []
+    warmup = max(_WARMUP.value - 1, 0)  # the first step (checking the loss) is a warm-up step too
+
+    def timed(fns):
+        out = common.time_interleaved({**fns, **probe.fns}, warmup=warmup, iters=iters)
+        for name in fns:
+            timings[name], peaks[name] = out[name], probe.peaks(out)
+
+    def load_imitax(hf) -> None:
+        jx.load(core.params_from_hf(cfg, {k: v.detach().numpy() for k, v in hf.state_dict().items()}))
+        for i, backend in enumerate(jx.compiled):
+            loss = jx.step(backend)
+            if i == 0:  # later backends start from weights the first one has already updated
+                first_loss["imitax"] = loss
+
+    def imitax_memory(before: int) -> None:
+        a = jx.analysis
+        memory_rows.append(
+            [
+                case.name,
+                "imitax",
+                f"{jx.state_bytes / n:.1f}",
+                f"{a.alias_size_in_bytes / n:.1f}",
+                f"{a.temp_size_in_bytes / n:.1f}",
+                f"{jx.peak / n:.1f}",
+                f"{before / GIB:.2f} -> {live_bytes() / GIB:.2f}",
+            ]
+        )
+
+    def torch_memory(runner: TorchStep) -> None:
+        memory_rows.append([case.name, "torch", f"{runner.state_bytes() / n:.1f}", "-", "-", "-", "-"])
+
+    imitax_fns = {f"imitax[{b}]": (lambda b=b: jx.step(b)) for b in jx.compiled}
+    if together:
+        hf = hf_model(cfg)
+        load_imitax(hf)
+        pt = TorchStep(case, hf)
+        first_loss["torch"] = pt.step()
+        before = live_bytes()
+        timed({**imitax_fns, "torch": pt.step})
+        imitax_memory(before)
+        torch_memory(pt)
+    else:
+        if jax_need + 8 * n < 0.9 * available:
+            hf = hf_model(cfg)
+            load_imitax(hf)
+            del hf
+            gc.collect()
+            before = live_bytes()
+            timed(imitax_fns)
+            imitax_memory(before)
+        else:
+            notes.append(f"{case.name}: imitax skipped, it would not fit in {available / GIB:.1f} GiB")
+        jx.state = None
+        del imitax_fns
+        gc.collect()
+        if torch_need + 4 * n < 0.9 * mem_available():
+            pt = TorchStep(case, hf_model(cfg))
+            first_loss["torch"] = pt.step()
+            timed({"torch": pt.step})
+            torch_memory(pt)
+            del pt
+            gc.collect()
+        else:
+            notes.append(f"{case.name}: torch skipped, it would not fit in {mem_available() / GIB:.1f} GiB")
+
+    # The same weights and batch must give the same first loss, or the timing compares different work.
+    if len(first_loss) == 2:
+        diff = abs(first_loss["imitax"] - first_loss["torch"])
+        notes.append(
+            f"{case.name}: first loss imitax {first_loss['imitax']:.6f}, torch {first_loss['torch']:.6f}"
+            + (" -- WARNING: they differ" if diff > 1e-3 else "")
+        )
+
+    step_flops = metrics.train_flops_per_token(cfg, case.seq) * case.batch * case.seq
+    tokens = case.batch * case.seq
+    mfu = {
+        name: [step_flops / t / p for t, p in zip(timings[name].samples, peaks[name], strict=True)] for name in timings
+    }
+    mfu_median = {name: float(np.median(v)) for name, v in mfu.items()}
+    rows = []
+    for name, timing in timings.items():
+        vs_torch = "-"
+        if "torch" in timings:
+            # Raw: median times. Normalized: ratio of MFUs, each against its own rounds' roofline
+            # (the fair one when the implementations ran at different times of a drifting load).
+            vs_torch = f"{timings['torch'].median / timing.median:.2f}x / {mfu_median[name] / mfu_median['torch']:.2f}x"
+        rows.append(
+            [
+                case.name,
+                name,
+                f"{case.batch}x{case.seq}",
+                f"{tokens / timing.median:.0f}",
+                f"{step_flops / timing.median / 1e9:.0f}",
+                f"{float(np.median(peaks[name])) / 1e9:.0f}",
+                f"{mfu_median[name]:.0%}",
+                vs_torch,
+                f"{timing.median:.2f}",
+                f"{timing.spread:.0%}",
+            ]
+        )
+    notes.append(f"{case.name}: {step_flops / 1e12:.2f} TFLOP per train step")
+    return rows, memory_rows, notes
+
+
+def main(argv):
+    del argv
+    threads = _TORCH_THREADS.value or os.cpu_count()
+    torch.set_num_threads(threads)
+    iters = 2 if _SMOKE.value else _ITERS.value
+    unknown = set(_XLA_BACKENDS.value) - set(common.XLA_DOT_BACKENDS)
+    if unknown:
+        raise app.UsageError(f"unknown --xla_backends {sorted(unknown)}; known: {sorted(common.XLA_DOT_BACKENDS)}")
+    print(common.environment(), flush=True)
+
+    sizes = [256] if _SMOKE.value else [int(s) for s in _PEAK_SIZES.value]
+    backends = {b: common.XLA_DOT_BACKENDS[b] for b in _XLA_BACKENDS.value}
+    peaks = common.matmul_peaks(sizes, xla_backends=backends, torch_threads=threads, iters=3)
+    peak_rows = [[lib, *(f"{peaks[lib][n]:.0f}" for n in sizes), f"{max(peaks[lib].values()):.0f}"] for lib in peaks]
+    print("\nfloat32 matmul peak at the start, GFLOP/s (median per size):")
+    print(common.format_table(["library", *(f"{n}^3" for n in sizes), "peak"], peak_rows), flush=True)
+    probe = MatmulProbe(max(sizes), reps=1 if _SMOKE.value else _PROBE_REPS.value)
+
+    headers = [
+        "model", "impl", "batch x seq", "tokens/s", "GFLOP/s", "roofline GFLOP/s", "MFU", "vs torch (raw / MFU)",
+        "median s", "spread",
+    ]  # fmt: skip
+    mem_headers = ["model", "impl", "state B/param", "aliased B/param", "temp B/param", "peak B/param", "live GiB"]
+    rows, mem_rows, notes = [], [], []
+    for case in cases(_SMOKE.value):
+        case_rows, case_mem, case_notes = bench_case(case, probe, iters)
+        rows += case_rows
+        mem_rows += case_mem
+        notes += case_notes
+        print(common.format_table(headers, case_rows), flush=True)
+        gc.collect()
+    print(f"\ntrain step (AdamW), float32, medians of {iters} rounds after {_WARMUP.value} warm-up:")
+    print(common.format_table(headers, rows))
+    print("\nmemory (imitax: compiled memory analysis; torch: parameters + gradients + AdamW moments):")
+    print(common.format_table(mem_headers, mem_rows))
+    print("\n".join(["", *notes]))
+    print(f"peak RSS of this process: {_max_rss() / GIB:.1f} GiB")
+    print(common.environment())
+
+
+def _max_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+if __name__ == "__main__":
+    app.run(main)
