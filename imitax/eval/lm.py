@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 
 from imitax import convert
 from imitax.eval import scoring
@@ -121,7 +122,7 @@ class LM:
         """The log-probability of each whole text (rolling windows over ``max_length``)."""
         return self.scorer.loglikelihood_rolling(texts, progress=progress)
 
-    def generate_until(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    def generate_until(self, requests: Sequence[tuple[str, dict[str, Any]]], progress: bool = False) -> list[str]:
         """Continues each context; returns the text before the first stop string (which is excluded).
 
         Each request's settings: ``until`` (a stop string or a list of them;
@@ -134,6 +135,7 @@ class LM:
         are generated together, ``batch_size`` at a time. When sampling, every
         request draws its own sample (copies of one request give independent
         samples, e.g. for pass@k), and a rerun with the same seed repeats them.
+        ``progress`` shows a tqdm bar over the requests.
 
         Raises:
           ValueError: unknown settings, or ``max_gen_toks >= max_length``.
@@ -147,6 +149,7 @@ class LM:
             groups.setdefault(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in s.items()), []).append(i)
         eos = self.tokenizer.eos_token_id
         prefix = self.scorer.prefix_token_id
+        bar = tqdm.tqdm(total=len(requests), desc="generating", disable=not progress, leave=False)
         for index in groups.values():
             s = settings[index[0]]
             keep = self.max_length - s["max_gen_toks"]
@@ -175,6 +178,8 @@ class LM:
                         if stop:
                             text = text.split(stop)[0]
                     results[index[j]] = text
+                bar.update(len(chunk))
+        bar.close()
         return results  # type: ignore[return-value]
 
     def _generation_settings(self, kwargs: dict[str, Any]) -> dict[str, Any]:

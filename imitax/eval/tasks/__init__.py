@@ -15,10 +15,12 @@ lists them), and ``run(lm, progress=True)`` returns a :class:`TaskResult`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["TaskResult", "get", "names", "register"]
+__all__ = ["TaskResult", "generate_until", "get", "names", "register"]
 
 _REGISTRY: dict[str, type] = {}
 
@@ -83,6 +85,13 @@ class TaskResult:
         if not samples:
             del out["samples"]
         return out
+
+
+def generate_until(lm, requests: Sequence[tuple[str, dict[str, Any]]], progress: bool = False) -> list[str]:
+    """``lm.generate_until(requests)``, with a progress bar when the LM offers one (test doubles need not)."""
+    if progress and "progress" in inspect.signature(lm.generate_until).parameters:
+        return lm.generate_until(requests, progress=True)
+    return lm.generate_until(requests)
 
 
 # Importing a task module registers its tasks. The list is explicit on purpose; add new modules here.

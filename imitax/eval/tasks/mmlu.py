@@ -261,7 +261,16 @@ class MMLU:
         self.data_dir, self.hub_dataset = data_dir, hub_dataset
 
     def load(self) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], dict[str, Any]]:
-        """``(test docs, shots per subject, info)``, with the subject selection, limit and shot count checked."""
+        """``(test docs, shots per subject, info)``, with the subject selection, limit and shot count checked.
+
+        The data is read once per task object (the evaluator reads every task's data before running any).
+        """
+        if getattr(self, "_loaded", None) is None:
+            self._loaded = self._read()
+        docs, shots, info = self._loaded
+        return docs, shots, dict(info)
+
+    def _read(self):
         splits, info = load_local(self.data_dir) if self.data_dir is not None else load_hub(self.hub_dataset)
         available = sorted(splits["test"])
         subjects = list(self.subjects) if self.subjects is not None else available

@@ -157,10 +157,19 @@ class MultipleChoice:
         if num_fewshot and fewshot_file is None:
             raise ValueError(f"num_fewshot={num_fewshot} needs fewshot_file= (the solved examples to show)")
 
+    def load(self) -> tuple[list[dict], list[dict]]:
+        """``(questions, shots)``, validated; read once per task object."""
+        if getattr(self, "_loaded", None) is None:
+            self._loaded = self.docs()
+        return self._loaded
+
     def docs(self) -> tuple[list[dict], list[dict]]:
         """``(questions, shots)``, validated."""
         if not self.data_file.is_file():
-            raise FileNotFoundError(f"{self.data_file}: no such file")
+            raise FileNotFoundError(
+                f"{self.data_file}: no such file. Pass data_file= a .jsonl, .json or .parquet file of records "
+                "{question, choices: [texts], answer: index or letter}"
+            )
         docs = [check_doc(r, f"{self.data_file}, record {i}") for i, r in enumerate(read_records(self.data_file))]
         docs = docs[: self.limit] if self.limit is not None else docs
         shots: list[dict] = []
@@ -172,7 +181,7 @@ class MultipleChoice:
         return docs, shots
 
     def run(self, lm, progress: bool = True) -> TaskResult:
-        docs, shots = self.docs()
+        docs, shots = self.load()
         contexts = [build_context(self.description, shots, doc) for doc in docs]
         before = lm.stats.copy() if hasattr(lm, "stats") else None
         scores = score_choices(lm, contexts, [len(d["choices"]) for d in docs], progress=progress)

@@ -62,13 +62,20 @@ class Perplexity:
             raise ValueError(f"unknown template {template!r}; known: {', '.join(data.TEMPLATES)}")
         self.data_file, self.format, self.template, self.limit, self.seed = data_file, format, template, limit, seed
 
+    def load(self) -> tuple[list[data.Conversation], dict[str, int]]:
+        """``(conversations, reading statistics)``; read once per task object."""
+        if getattr(self, "_loaded", None) is None:
+            stats = data.formats.new_stats()
+            conversations = list(
+                itertools.islice(data.load_conversations(self.data_file, self.format, stats=stats), self.limit)
+            )
+            if not conversations:
+                raise ValueError(f"{self.data_file}: no conversations with a teacher turn")
+            self._loaded = (conversations, stats)
+        return self._loaded
+
     def run(self, lm, progress: bool = True) -> TaskResult:
-        stats = data.formats.new_stats()
-        conversations = list(
-            itertools.islice(data.load_conversations(self.data_file, self.format, stats=stats), self.limit)
-        )
-        if not conversations:
-            raise ValueError(f"{self.data_file}: no conversations with a teacher turn")
+        conversations, stats = self.load()
         encoder = data.Encoder(lm.tokenizer, self.template)
         texts = [encoder.render(conv) for conv in conversations]
         before = lm.stats.copy() if hasattr(lm, "stats") else None

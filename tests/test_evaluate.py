@@ -1,0 +1,146 @@
+"""The evaluator (validation, results.json, samples files, atomic writes) with fake LMs, and scripts/evaluate.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import pytest
+
+from imitax.eval import evaluator, tasks
+from imitax.eval.tasks.humaneval import load_problems, truncate
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+class FakeLM:
+    """Scores a continuation by its first character (`` A`` best) and answers prompts with ``answer(prompt)``."""
+
+    def __init__(self, answer=lambda prompt: ""):
+        self.answer, self.calls = answer, []
+
+    def loglikelihood(self, requests, progress=False):
+        self.calls.append(("loglikelihood", len(requests)))
+        return [(-float(ord(cont.strip()[0])), cont == " A") for _, cont in requests]
+
+    def generate_until(self, requests):
+        self.calls.append(("generate_until", len(requests)))
+        return [truncate(self.answer(prompt), settings["until"]) for prompt, settings in requests]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def test_validate_reports_every_problem_and_lists_what_is_accepted():
+    evaluator.validate_tasks({"mmlu": {"data_dir": "x", "num_fewshot": 5}, "humaneval": {}})
+    with pytest.raises(ValueError) as e:
+        evaluator.validate_tasks(
+            {"mmlu": {"num_shots": 5}, "mlmu": {}, "multiple_choice": {}, "humaneval": {"data_file": "x"}}
+        )
+    message = str(e.value)
+    assert f"unknown task(s) 'mlmu'; known tasks: {', '.join(tasks.names())}" in message
+    assert "task 'mmlu' does not take num_shots; it accepts: num_fewshot, limit, subjects, data_dir" in message
+    assert "task 'multiple_choice' needs data_file= (it accepts: data_file, num_fewshot" in message
+    assert "humaneval" not in message.split("known tasks")[0]  # a valid entry is not blamed
+    with pytest.raises(ValueError, match="no tasks to evaluate; known tasks: humaneval, mmlu"):
+        evaluator.validate_tasks({})
+
+
+def test_nothing_runs_and_nothing_is_written_on_bad_input(tmp_path):
+    lm = FakeLM()
+    good = {"multiple_choice": {"data_file": str(DATA / "mc.jsonl")}}
+    with pytest.raises(ValueError, match="'nq_closed'"):
+        evaluator.evaluate(lm, {**good, "nq_closed": {}}, tmp_path / "out", progress=False)
+    # Data is read for every task before the first one runs.
+    missing = {"humaneval": {"data_file": str(tmp_path / "nope.jsonl")}}
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such HumanEval problems file. Pass data_file="):
+        evaluator.evaluate(lm, {**good, **missing}, tmp_path / "out", progress=False)
+    # A keyword value the task itself rejects.
+    with pytest.raises(ValueError, match="task 'multiple_choice': num_fewshot=2 needs fewshot_file="):
+        evaluator.evaluate(lm, {"multiple_choice": {**good["multiple_choice"], "num_fewshot": 2}}, tmp_path / "out")
+    assert lm.calls == [] and not (tmp_path / "out").exists()
+
+
+# -- results and samples ---------------------------------------------------------------------------
+
+
+def test_results_json_and_samples(tmp_path):
+    problems = load_problems(DATA / "humaneval_sample.jsonl")[0]
+    solutions = {p["prompt"]: p["canonical_solution"] for p in problems}
+    lm = FakeLM(lambda prompt: solutions[prompt] if prompt == problems[0]["prompt"] else "    pass\n")
+    config = {
+        "multiple_choice": {"data_file": DATA / "mc.jsonl", "limit": 3},
+        "humaneval": {"data_file": str(DATA / "humaneval_sample.jsonl"), "limit": 1},  # one problem: stderr nan
+    }
+    out = evaluator.evaluate(lm, config, tmp_path / "out", model_info={"path": "fake", "step": 3}, progress=False)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written == out
+    assert set(written) == {"results", "config", "model", "provenance"}
+    assert written["model"] == {"path": "fake", "step": 3}
+    assert written["config"]["multiple_choice"] == {"data_file": str(DATA / "mc.jsonl"), "limit": 3}
+
+    mc = written["results"]["multiple_choice"]
+    assert set(mc) == {"metrics", "stderr", "n", "num_fewshot", "info"}
+    assert mc["n"] == 3 and mc["num_fewshot"] == 0
+    # The fake LM always prefers " A": right on the question whose answer is 0 (the second) only.
+    samples = read_jsonl(tmp_path / "out" / "samples_multiple_choice.jsonl")
+    assert [s["pred"] for s in samples] == [0, 0, 0] and [s["target"] for s in samples] == [1, 0, 3]
+    assert mc["metrics"]["acc"] == pytest.approx(1 / 3) == sum(s["acc"] for s in samples) / 3
+    assert mc["stderr"]["acc"] == pytest.approx(math.sqrt((2 * (1 / 3) ** 2 + (2 / 3) ** 2) / 2 / 3))
+    assert samples[0]["question"] == "Which of these animals is a mammal?" and samples[0]["loglikelihoods"] == [
+        -65.0,
+        -66.0,
+        -67.0,
+    ]
+
+    he = written["results"]["humaneval"]
+    assert he["metrics"] == {"pass@1": 1.0} and he["stderr"] == {"pass@1": None} and he["n"] == 1
+    assert read_jsonl(tmp_path / "out" / "samples_humaneval.jsonl")[0]["passed"] == [True]
+    assert he["info"]["seconds"] > 0
+
+    prov = written["provenance"]
+    assert {"jax", "flax", "transformers", "imitax"} <= set(prov["packages"]) and prov["packages"]["jax"]
+    assert prov["devices"]["backend"] == "cpu" and prov["devices"]["count"] == 8
+    assert prov["git"] is None or len(prov["git"]["revision"]) == 40
+    assert prov["started"] <= prov["finished"]
+    # Strict JSON (no NaN), and no temporary files left behind.
+    json.loads((tmp_path / "out" / "results.json").read_text(), parse_constant=pytest.fail)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "results.json",
+        "samples_humaneval.jsonl",
+        "samples_multiple_choice.jsonl",
+    ]
+    # No output_dir: the same numbers, nothing written.
+    again = evaluator.evaluate(FakeLM(), {"multiple_choice": config["multiple_choice"]}, progress=False)
+    assert again["results"]["multiple_choice"]["metrics"] == mc["metrics"]
+
+
+def test_a_crash_leaves_no_results_json_and_no_partial_file(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    config = {
+        "multiple_choice": {"data_file": str(DATA / "mc.jsonl")},
+        "humaneval": {"data_file": str(DATA / "humaneval_sample.jsonl")},
+    }
+
+    def broken(requests):
+        raise RuntimeError("device lost")
+
+    lm = FakeLM()
+    lm.generate_until = broken
+    with pytest.raises(RuntimeError, match="device lost"):
+        evaluator.evaluate(lm, config, out, progress=False)
+    # The finished task's samples are complete; results.json is absent, as is any temporary file.
+    assert sorted(p.name for p in out.iterdir()) == ["samples_multiple_choice.jsonl"]
+    assert len(read_jsonl(out / "samples_multiple_choice.jsonl")) == 4
+    # An interrupted write leaves the old file as it was.
+    (out / "results.json").write_text('{"old": true}')
+    monkeypatch.setattr(evaluator, "_dumps", lambda value, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.evaluate(FakeLM(), {"multiple_choice": config["multiple_choice"]}, out, progress=False)
+    assert json.loads((out / "results.json").read_text()) == {"old": True}
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "samples_multiple_choice.jsonl"]
