@@ -1,18 +1,34 @@
-"""Any multiple-choice question set, scored by log-likelihood in the MMLU prompt style.
+"""Any multiple-choice question set, scored by log-likelihood: letter choices (MMLU style) or cloze (ARC style).
 
 >>> result = tasks.get("multiple_choice")(data_file="questions.jsonl").run(lm)
+>>> result = tasks.get("multiple_choice")(data_file="questions.jsonl", scoring="cloze").run(lm)
+>>> result.metrics["acc"], result.metrics["acc_norm"]                 # acc_norm: cloze only
 
 Data: a JSON Lines (or JSON array, or Parquet) file of records with
 ``question`` (text), ``choices`` (2 to 26 texts) and ``answer`` (the index of
-the right choice, or its letter). Each prompt is::
+the right choice, or its letter). Zero-shot by default; few-shot examples are
+the first ``num_fewshot`` records of ``fewshot_file``, in order.
+
+``scoring="letters"`` (default; the harness's MMLU prompt). Each prompt is::
 
     {description}{shot question}\\nA. {choice}\\nB. {choice}...\\nAnswer: {letter}\\n\\n...
     {question}\\nA. {choice}\\nB. {choice}...\\nAnswer:
 
 and the continuations `` A``, `` B``... are scored; the prediction is the most
-likely one (ties go to the first), as the harness's ``acc``. Zero-shot by
-default; few-shot examples are the first ``num_fewshot`` records of
-``fewshot_file``, in order.
+likely one (ties go to the first), as the harness's ``acc``.
+
+``scoring="cloze"`` (the harness's ARC, PIQA, HellaSwag style: the model never
+sees the other choices, so it suits small models that cannot pick a letter)::
+
+    {description}Question: {shot question}\\nAnswer: {right choice}\\n\\n...Question: {question}\\nAnswer:
+
+and each choice's text is scored as the continuation `` {choice}``. ``acc``
+takes the most likely choice; ``acc_norm`` the one with the highest
+log-likelihood per character of the choice text, ``ll / len(choice)``: what
+the harness computes (``completion_len = [len(choice) for choice in choices]``
+in ``ConfigurableTask.process_results``: characters of the choice, not its
+UTF-8 bytes, which differ only for non-ASCII text; the harness's rule is kept
+so that the numbers match its numbers).
 
 The helpers here (:func:`format_question`, :func:`build_context`,
 :func:`score_choices`, :func:`read_records`) are shared with the MMLU task.
@@ -31,9 +47,19 @@ import numpy as np
 from imitax.eval import metrics
 from imitax.eval.tasks import TaskResult, register
 
-__all__ = ["LETTERS", "MultipleChoice", "build_context", "format_question", "read_records", "score_choices"]
+__all__ = [
+    "LETTERS",
+    "SCORINGS",
+    "MultipleChoice",
+    "build_cloze_context",
+    "build_context",
+    "format_question",
+    "read_records",
+    "score_choices",
+]
 
 LETTERS = string.ascii_uppercase
+SCORINGS = ("letters", "cloze")
 
 
 def format_question(question: str, choices: Sequence[str]) -> str:
@@ -46,6 +72,19 @@ def build_context(description: str, shots: Sequence[dict[str, Any]], doc: dict[s
     """The prompt of ``doc``: the description, each solved shot and its ``\\n\\n``, then ``doc``'s question."""
     solved = "".join(f"{format_question(s['question'], s['choices'])} {LETTERS[s['answer']]}\n\n" for s in shots)
     return description + solved + format_question(doc["question"], doc["choices"])
+
+
+def build_cloze_context(description: str, shots: Sequence[dict[str, Any]], doc: dict[str, Any]) -> str:
+    """The cloze prompt of ``doc``: ``Question: {question}\\nAnswer:`` after the solved shots (the harness's ARC)."""
+    solved = "".join(f"Question: {s['question']}\nAnswer: {s['choices'][s['answer']]}\n\n" for s in shots)
+    return f"{description}{solved}Question: {doc['question']}\nAnswer:"
+
+
+def score_cloze(lm, contexts: Sequence[str], docs: Sequence[dict[str, Any]], progress: bool = True) -> list[list]:
+    """Log-likelihoods of each doc's choices as continuations `` {choice}`` of its context."""
+    requests = [(context, f" {c}") for context, doc in zip(contexts, docs, strict=True) for c in doc["choices"]]
+    scores = iter(lm.loglikelihood(requests, progress=progress))
+    return [[next(scores) for _ in doc["choices"]] for doc in docs]
 
 
 def score_choices(lm, contexts: Sequence[str], num_choices: Sequence[int], progress: bool = True) -> list[list]:
@@ -72,6 +111,16 @@ def choice_record(doc: dict[str, Any], scores: Sequence[tuple[float, bool]]) -> 
         "pred": pred,
         "acc": float(pred == doc["answer"]),
     }
+
+
+def cloze_record(doc: dict[str, Any], scores: Sequence[tuple[float, bool]]) -> dict[str, Any]:
+    """:func:`choice_record` plus the length-normalized prediction (``pred_norm``, ``acc_norm``)."""
+    record = choice_record(doc, scores)
+    # The harness divides by len(choice) with no guard; an empty choice text would divide by zero there.
+    normalized = [ll / max(len(c), 1) for ll, c in zip(record["loglikelihoods"], doc["choices"], strict=True)]
+    record["pred_norm"] = int(np.argmax(normalized))
+    record["acc_norm"] = float(record["pred_norm"] == doc["answer"])
+    return record
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -138,6 +187,7 @@ class MultipleChoice:
       fewshot_file: where the solved examples come from (its first records).
       description: text before everything else (e.g. a task statement ending in ``\\n\\n``).
       limit: evaluate only the first ``limit`` questions.
+      scoring: ``'letters'`` (score `` A``, `` B``...) or ``'cloze'`` (score each choice's text; adds ``acc_norm``).
       seed: accepted for a uniform task interface; nothing here is random.
     """
 
@@ -148,8 +198,12 @@ class MultipleChoice:
         fewshot_file: str | pathlib.Path | None = None,
         description: str = "",
         limit: int | None = None,
+        scoring: str = "letters",
         seed: int = 0,
     ):
+        if scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}")
+        self.scoring = scoring
         self.data_file, self.fewshot_file = pathlib.Path(data_file), fewshot_file
         self.num_fewshot, self.description, self.limit, self.seed = num_fewshot, description, limit, seed
         if num_fewshot < 0:
@@ -182,17 +236,26 @@ class MultipleChoice:
 
     def run(self, lm, progress: bool = True) -> TaskResult:
         docs, shots = self.load()
-        contexts = [build_context(self.description, shots, doc) for doc in docs]
         before = lm.stats.copy() if hasattr(lm, "stats") else None
-        scores = score_choices(lm, contexts, [len(d["choices"]) for d in docs], progress=progress)
-        samples = [choice_record(doc, s) for doc, s in zip(docs, scores, strict=True)]
-        correct = [s["acc"] for s in samples]
-        info = {"data_file": str(self.data_file), "fewshot_file": self.fewshot_file and str(self.fewshot_file)}
+        if self.scoring == "cloze":
+            contexts = [build_cloze_context(self.description, shots, doc) for doc in docs]
+            scores = score_cloze(lm, contexts, docs, progress=progress)
+            samples = [cloze_record(doc, s) for doc, s in zip(docs, scores, strict=True)]
+        else:
+            contexts = [build_context(self.description, shots, doc) for doc in docs]
+            scores = score_choices(lm, contexts, [len(d["choices"]) for d in docs], progress=progress)
+            samples = [choice_record(doc, s) for doc, s in zip(docs, scores, strict=True)]
+        names = ("acc", "acc_norm") if self.scoring == "cloze" else ("acc",)
+        info = {
+            "data_file": str(self.data_file),
+            "fewshot_file": self.fewshot_file and str(self.fewshot_file),
+            "scoring_method": self.scoring,
+        }
         if before is not None:
             info["scoring"] = lm.stats.since(before).to_dict()
         return TaskResult(
-            metrics={"acc": metrics.mean(correct)},
-            stderr={"acc": metrics.mean_stderr(correct)},
+            metrics={k: metrics.mean([s[k] for s in samples]) for k in names},
+            stderr={k: metrics.mean_stderr([s[k] for s in samples]) for k in names},
             n=len(docs),
             num_fewshot=self.num_fewshot,
             samples=samples,
