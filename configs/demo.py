@@ -1,0 +1,107 @@
+r"""The study in miniature, on a synthetic world, in minutes on a laptop CPU (the README's main command).
+
+  python scripts/sweep.py --config=configs/demo.py --workdir=out/demo
+  python scripts/sweep.py --config=configs/demo.py:tiny --workdir=/tmp/demo     # the test suite's size
+
+What runs (``imitax/demo/world.py`` describes the world):
+
+1. A synthetic world of fictional people with five attributes each is written as a plain-text
+   corpus (biographies, and question/answer lines for half the people), as multiple-choice
+   questions about each part of the world, as a teacher's chat answers about part A ("broad"
+   imitation data: lists and a closing "In summary," paragraph) and as the teacher's answers in
+   the benchmark's own question form about part A ("task" imitation data).
+2. Three LLaMA-style base models of different sizes are trained from scratch on the corpus.
+3. Each base model is finetuned on each imitation source at several token budgets (the
+   study's optimizer, Koala turn format, loss on the teacher's tokens only).
+4. Every cell is evaluated: factual accuracy on the held-out part B (log-likelihood of each
+   choice after "Question: ...\nAnswer:") and on part A, and the style metrics of its answers to
+   held-out requests against the teacher's (list and summary use, unigram F1, length correlation).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from imitax import sweep
+from imitax.demo import world
+
+# name -> (hidden, layers, heads, mlp, pretraining steps): widths x2 per size, same token count.
+SIZES = {
+    "small": (64, 2, 4, 192, 600),
+    "medium": (128, 3, 4, 384, 600),
+    "large": (256, 4, 8, 768, 600),
+}
+TINY_SIZES = {"small": (32, 1, 2, 64, 20), "large": (64, 2, 4, 128, 20)}
+
+
+def _llama(hidden: int, layers: int, heads: int, mlp: int, vocab: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            mlp_dim=mlp,
+            max_position_embeddings=256,
+        )
+    )
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    options = dict(item.split("=", 1) if "=" in item else (item, "1") for item in arg.split(",") if item)
+    tiny = "tiny" in options
+    c = sweep.default_config()
+    c.name = "demo-tiny" if tiny else "demo"
+    c.world = ml_collections.ConfigDict(dataclasses.asdict(world.tiny() if tiny else world.WorldConfig()))
+    vocab = c.world.vocab_size
+
+    for name, (hidden, layers, heads, mlp, steps) in (TINY_SIZES if tiny else SIZES).items():
+        pre = sweep.load_trainer_config()
+        pre.model = "llama-7b"  # the architecture; every width below is overridden
+        pre.model_overrides.update(_llama(hidden, layers, heads, mlp, vocab))
+        pre.tokenizer = "{world}/tokenizer"
+        pre.data.train = "{world}/corpus.jsonl"
+        pre.data.format = "text"
+        pre.dtype = "float32"  # bfloat16 is no faster on CPUs
+        pre.seq_len = 128
+        pre.batch_size = 16
+        pre.total_steps = steps
+        pre.optimizer.name = "adamw"
+        pre.optimizer.lr = 3e-3
+        pre.optimizer.schedule = "cosine"
+        pre.optimizer.warmup_steps = max(1, steps // 20)
+        pre.optimizer.weight_decay = 0.01
+        pre.checkpoint_every = steps
+        pre.log_every = max(1, steps // 4)
+        c.base_models[name] = ml_collections.ConfigDict({"pretrain": pre})
+
+    c.data_sources.broad = ml_collections.ConfigDict({"train": "{world}/imitation_broad.json"})
+    c.data_sources.task = ml_collections.ConfigDict({"train": "{world}/imitation_task.json"})
+    c.token_budgets = "0,2K,4K" if tiny else "0,4K,16K,64K"
+    c.seeds = "0"
+
+    t = c.train  # the study's finetuning recipe, scaled down
+    t.dtype = "float32"
+    t.seq_len = 128
+    t.batch_size = 8
+    t.optimizer.name = "paper"
+    t.optimizer.lr = 1e-3
+    t.optimizer.warmup_steps = 4
+    t.checkpoint_every = 1000
+    t.log_every = 8
+
+    c.eval.batch_size = 16
+    c.eval.tasks.facts_heldout = ml_collections.ConfigDict(
+        dict(task="multiple_choice", data_file="{world}/facts_heldout.jsonl", scoring="cloze")
+    )
+    c.eval.tasks.facts_seen = ml_collections.ConfigDict(
+        dict(task="multiple_choice", data_file="{world}/facts_seen.jsonl", scoring="cloze")
+    )
+    c.eval.tasks.style = ml_collections.ConfigDict(
+        dict(data_file="{world}/style_heldout.jsonl", max_gen_toks=64 if tiny else 128)
+    )
+    c.teacher_file = "{world}/teacher_scores.json"
+    c.report.metrics = ",".join(["facts_heldout/acc", "facts_seen/acc"] + [f"style/{m}" for m in sweep.STYLE_METRICS])
+    return c

@@ -1,0 +1,860 @@
+r"""Data-scaling sweeps: base models x imitation-data sources x token budgets x seeds.
+
+A sweep config (``configs/sweeps/*.py``, ``configs/paper/*.py``, ``configs/demo.py``; start from
+:func:`default_config`) names the base models, the imitation-data sources, the token budgets,
+the seeds, the trainer's settings (``train``: the ``configs/finetune.py`` config every cell
+starts from) and the evaluation tasks. Each cell finetunes one base model on one source's first
+``budget`` tokens (the trainer's nested budgets: a smaller budget is a subset of a larger one)
+and then evaluates the result; the budget ``0`` evaluates the base model itself, once per model.
+A base model is a Hugging Face directory, an imitax checkpoint or training workdir, or a trainer
+config that trains it from scratch first (``pretrain``).
+
+The sweep workdir::
+
+    sweep_config.json          the config this workdir belongs to (a different one is refused)
+    world/                     the demo's generated data (when the config has a ``world``)
+    base/<model>/              a pretrained base model's training workdir
+    cells/<cell id>/           cell.json (status, metrics, timings, error), train/ (trainer
+                               workdir), eval/<task>/ (results.json, samples_<task>.jsonl)
+    results/                   results.csv, results.md, provenance.json, plots/*.png + *.csv
+    jax_cache/                 the persistent compilation cache shared by every cell
+
+Rerunning the same command skips finished cells (whose settings are unchanged) and resumes an
+interrupted cell: training from its newest checkpoint (bitwise as if uninterrupted), evaluation
+from the start. A failed cell is recorded in its ``cell.json`` with the error and the sweep goes
+on. On several hosts every process runs the same command: all of them train and evaluate each
+cell together on the global mesh, and process 0 writes the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+__all__ = [
+    "Cell",
+    "SweepError",
+    "default_config",
+    "expand",
+    "load_trainer_config",
+    "report",
+    "run",
+    "validate",
+]
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Top-level config fields that do not change what any cell computes (a rerun may change them).
+UNGUARDED_FIELDS = ("report", "teacher", "teacher_file", "compilation_cache")
+CELL_FILE = "cell.json"
+
+
+class SweepError(ValueError):
+    """A sweep config or workdir that cannot be run; the message names the field and the fix."""
+
+
+# -- config ------------------------------------------------------------------------------------------
+
+
+def load_trainer_config(arg: str = "") -> ml_collections.ConfigDict:
+    """``configs/finetune.py``'s ``get_config(arg)``: the trainer config every cell starts from."""
+    path = REPO_ROOT / "configs" / "finetune.py"
+    spec = importlib.util.spec_from_file_location("imitax_configs_finetune", path)
+    if spec is None or not path.is_file():
+        raise SweepError(f"{path} not found: sweeps run from a checkout of the imitax repository")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The fields of a sweep config, with their defaults (config files fill them in).
+
+    Lists may be written as comma-separated strings (``token_budgets='0,300K,1M'``), which is
+    also what a command-line override takes.
+    """
+    c = ml_collections.ConfigDict()
+    c.name = "sweep"
+    # name -> ConfigDict(init_from=PATH) or ConfigDict(pretrain=<trainer config>); optional
+    # `size` (parameters, for the size axis; default: counted from the model's config).
+    c.base_models = ml_collections.ConfigDict()
+    # name -> ConfigDict(train=PATHS, format='auto', template='koala'): the trainer's data fields;
+    # optional token_budgets (this source's own list, replacing the sweep's).
+    c.data_sources = ml_collections.ConfigDict()
+    c.token_budgets = "0"  # '0' = the base model itself
+    c.seeds = "0"
+    c.train = load_trainer_config()
+    c.train.progress = False  # the sweep prints one progress line per cell instead
+    c.eval = ml_collections.ConfigDict()
+    # alias -> ConfigDict(task=REGISTRY NAME (default: the alias), **the task's keyword config).
+    c.eval.tasks = ml_collections.ConfigDict()
+    c.eval.batch_size = 8
+    c.eval.mesh = "data=1,fsdp=-1,tensor=1"
+    # The teacher's scores, 'alias/metric' -> value, drawn as dashed reference lines; and/or a
+    # JSON file of the same mapping.
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher_file = ""
+    c.report = ml_collections.ConfigDict()
+    c.report.metrics = ""  # 'alias/metric,...' to plot; '' = each task's headline metrics
+    c.report.style_task = "style"  # the alias whose metrics go in the style figure
+    c.compilation_cache = True  # persistent cache in WORKDIR/jax_cache, shared by every cell
+    c.world = ml_collections.ConfigDict()  # the demo's synthetic world (imitax.demo.world); empty = none
+    return c
+
+
+def _items(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v).strip() for v in value]
+
+
+def _budget_tokens(budget: str) -> int:
+    from imitax.data.budget import parse_token_budget
+
+    if budget.strip() in ("0", "0K", "0M"):
+        return 0
+    return parse_token_budget(budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One point of the grid. ``source is None``: the base model itself (budget 0)."""
+
+    model: str
+    source: str | None
+    budget: str
+    tokens: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        if self.source is None:
+            return f"{self.model}/base"
+        return f"{self.model}/{self.source}/{self.budget}/seed{self.seed}"
+
+
+def _parse_budgets(value: Any, where: str) -> list[tuple[str, int]]:
+    budgets = []
+    for b in _items(value):
+        try:
+            budgets.append((b, _budget_tokens(b)))
+        except ValueError as e:
+            raise SweepError(f"{where}: {e}") from None
+    return budgets
+
+
+def expand(config: ml_collections.ConfigDict) -> list[Cell]:
+    """The grid's cells in run order: per base model, its base cell, then sources x budgets x seeds.
+
+    A source's own ``token_budgets`` replaces the sweep's for that source (a small dataset
+    cannot fill the large budgets); a budget of 0 anywhere adds the base model's cell.
+
+    Raises:
+      SweepError: a budget that does not parse, or a seed that is not an integer.
+    """
+    budgets = _parse_budgets(config.token_budgets, "token_budgets")
+    per_source = {
+        name: _parse_budgets(spec.token_budgets, f"data_sources.{name}.token_budgets")
+        if isinstance(spec, ml_collections.ConfigDict) and spec.get("token_budgets")
+        else budgets
+        for name, spec in config.data_sources.items()
+    }
+    try:
+        seeds = [int(s) for s in _items(config.seeds)]
+    except ValueError:
+        raise SweepError(f"seeds: expected integers, got {config.seeds!r}") from None
+    with_base = any(t == 0 for bs in [budgets, *per_source.values()] for _, t in bs)
+    cells = []
+    for model in config.base_models:
+        if with_base:
+            cells.append(Cell(model, None, "0", 0, seeds[0] if seeds else 0))
+        for source, source_budgets in per_source.items():
+            for budget, tokens in sorted((b for b in source_budgets if b[1] > 0), key=lambda b: b[1]):
+                for seed in seeds:
+                    cells.append(Cell(model, source, budget, tokens, seed))
+    return cells
+
+
+# -- paths and placeholders ---------------------------------------------------------------------------
+
+
+def _substitute(value: Any, names: Mapping[str, str]) -> Any:
+    """``{workdir}`` and ``{world}`` in every string of a (nested) config value."""
+    if isinstance(value, str):
+        for key, path in names.items():
+            value = value.replace("{" + key + "}", path)
+        return value
+    if isinstance(value, ml_collections.ConfigDict):
+        out = ml_collections.ConfigDict()
+        for k, v in value.items():
+            out[k] = _substitute(v, names)
+        return out
+    if isinstance(value, list | tuple):
+        return type(value)(_substitute(v, names) for v in value)
+    return value
+
+
+def _resolved(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
+    names = {"workdir": str(workdir), "world": str(workdir / "world")}
+    with config.unlocked():
+        return _substitute(config, names)
+
+
+def _model_kind(path: epath.Path) -> str | None:
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / "params").is_dir() or (path / "checkpoints").is_dir():
+        return "imitax"
+    return None
+
+
+# -- validation ---------------------------------------------------------------------------------------
+
+
+# Fields whose keys are the user's names (checked by their own rules, not against the defaults).
+_OPEN_FIELDS = ("config.base_models", "config.data_sources", "config.eval.tasks", "config.teacher", "config.world")
+
+
+def _check_keys(given: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, where: str) -> None:
+    """Every key of ``given`` exists in ``reference`` (recursively)."""
+    if where in _OPEN_FIELDS:
+        return
+    for key, value in given.items():
+        if key not in reference:
+            raise SweepError(f"{where}.{key}: unknown field (known: {', '.join(sorted(reference.keys()))})")
+        ref = reference[key]
+        if isinstance(ref, ml_collections.ConfigDict) and isinstance(value, ml_collections.ConfigDict):
+            _check_keys(value, ref, f"{where}.{key}")
+
+
+def _check_files(spec: str, where: str) -> None:
+    from imitax.data import formats
+
+    for part in _items(spec):
+        if part.startswith("hf:"):
+            continue
+        try:
+            formats.resolve_sources(part)
+        except (ValueError, FileNotFoundError) as e:
+            raise SweepError(f"{where}: {e}") from None
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[Cell]:
+    """Checks the whole grid before anything runs; returns its cells.
+
+    Paths may use ``{workdir}`` and ``{world}`` (the demo's generated data, built before this
+    check). Checked: every base model (its path's kind, or its pretraining config and data),
+    every data source (files exist, format and template known), budgets and seeds, the trainer
+    overrides (every key known; each budget holds at least one batch), every evaluation task
+    (registered name, accepted keywords, data files present), the teacher's metric names.
+
+    Raises:
+      SweepError: naming the first field that is wrong and what to do.
+    """
+    from imitax import models
+    from imitax.data import templates
+    from imitax.eval import evaluator
+
+    workdir = epath.Path(workdir)
+    _check_keys(config, default_config(), "config")
+    config = _resolved(config, workdir)
+    if not config.base_models:
+        raise SweepError("base_models: empty; name at least one, e.g. --config.base_models.NAME.init_from=PATH")
+    trainer_defaults = load_trainer_config()
+    for name, spec in config.base_models.items():
+        where = f"base_models.{name}"
+        if not isinstance(spec, ml_collections.ConfigDict):
+            raise SweepError(f"{where}: expected a ConfigDict with init_from=PATH or pretrain=<trainer config>")
+        unknown = set(spec.keys()) - {"init_from", "pretrain", "size"}
+        if unknown:
+            raise SweepError(f"{where}: unknown fields {sorted(unknown)} (known: init_from, pretrain, size)")
+        if bool(spec.get("init_from")) == bool(spec.get("pretrain")):
+            raise SweepError(f"{where}: set exactly one of init_from (a model path) and pretrain (a trainer config)")
+        if spec.get("init_from"):
+            path = epath.Path(spec.init_from)
+            if not path.exists():
+                raise SweepError(f"{where}.init_from: {path} does not exist")
+            if _model_kind(path) is None:
+                raise SweepError(
+                    f"{where}.init_from: {path} is neither a Hugging Face model directory (config.json), an "
+                    "imitax checkpoint (params/, model_config/) nor a training workdir (checkpoints/)"
+                )
+        else:
+            pre = spec.pretrain
+            _check_keys(pre, trainer_defaults, f"{where}.pretrain")
+            if not pre.get("init_from") and pre.get("model") not in models.PRESETS:
+                raise SweepError(f"{where}.pretrain.model: unknown preset {pre.get('model')!r}")
+            if not pre.data.train:
+                raise SweepError(f"{where}.pretrain.data.train: empty; name the pretraining corpus")
+            _check_files(pre.data.train, f"{where}.pretrain.data.train")
+            if pre.get("total_steps", -1) == 0:
+                raise SweepError(f"{where}.pretrain.total_steps: 0 steps would train nothing")
+    for name, spec in config.data_sources.items():
+        where = f"data_sources.{name}"
+        if not isinstance(spec, ml_collections.ConfigDict) or not spec.get("train"):
+            raise SweepError(f"{where}: expected a ConfigDict with train=PATHS (and optionally format, template)")
+        known = {"train", "format", "template", "skip_invalid", "token_budgets"}
+        if set(spec.keys()) - known:
+            raise SweepError(
+                f"{where}: unknown fields {sorted(set(spec.keys()) - known)} (known: {', '.join(sorted(known))})"
+            )
+        _check_files(spec.train, f"{where}.train")
+        from imitax.data import formats
+
+        fmt = spec.get("format", "auto")
+        if fmt != "auto" and fmt not in formats.FORMATS:
+            raise SweepError(f"{where}.format: unknown format {fmt!r} (known: auto, {', '.join(formats.FORMATS)})")
+        template = spec.get("template", config.train.data.template)
+        if template not in templates.TEMPLATES:
+            raise SweepError(
+                f"{where}.template: unknown template {template!r} (known: {', '.join(templates.TEMPLATES)})"
+            )
+    cells = expand(config)
+    if not any(c.source for c in cells) and not config.data_sources and any(c.tokens for c in cells):
+        raise SweepError("data_sources: empty, but token_budgets asks for finetuning")
+    if not _items(config.seeds):
+        raise SweepError("seeds: empty; give at least one, e.g. --config.seeds=0")
+    batch_tokens = config.train.batch_size * config.train.seq_len
+    for cell in cells:
+        if cell.source is not None and cell.tokens < batch_tokens:
+            raise SweepError(
+                f"token_budgets: {cell.budget} is less than one training batch (train.batch_size "
+                f"{config.train.batch_size} x train.seq_len {config.train.seq_len} = {batch_tokens} tokens)"
+            )
+    if config.train.init_from:
+        raise SweepError("train.init_from: set by the sweep for each cell (from base_models); leave it empty")
+    if not config.eval.tasks:
+        raise SweepError("eval.tasks: empty; name at least one task, e.g. --config.eval.tasks.mmlu.data_dir=DIR")
+    for alias, spec in config.eval.tasks.items():
+        task, kwargs = _task_spec(alias, spec)
+        try:
+            evaluator.validate_tasks({task: kwargs})
+        except ValueError as e:
+            raise SweepError(f"eval.tasks.{alias}: {e}") from None
+        for key in ("data_file", "fewshot_file", "data_dir"):
+            if kwargs.get(key) and not epath.Path(kwargs[key]).exists():
+                raise SweepError(f"eval.tasks.{alias}.{key}: {kwargs[key]} does not exist")
+    for key in config.teacher:
+        if key.split("/")[0] not in config.eval.tasks:
+            raise SweepError(f"teacher: {key!r} names no evaluation task (tasks: {', '.join(config.eval.tasks)})")
+    return cells
+
+
+def _task_spec(alias: str, spec: Any) -> tuple[str, dict[str, Any]]:
+    kwargs = dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec or {})
+    return kwargs.pop("task", alias), kwargs
+
+
+def _teacher_scores(config: ml_collections.ConfigDict) -> dict[str, float]:
+    scores = {}
+    if config.get("teacher_file") and epath.Path(config.teacher_file).exists():
+        # Flat {'alias/metric': value} or nested {alias: {metric: value}}.
+        for key, value in json.loads(epath.Path(config.teacher_file).read_text()).items():
+            if isinstance(value, dict):
+                scores.update({f"{key}/{k}": float(v) for k, v in value.items() if v is not None})
+            else:
+                scores[key] = float(value)
+    scores.update({k: float(v) for k, v in config.teacher.items()})
+    return scores
+
+
+# -- the workdir's records ----------------------------------------------------------------------------
+
+
+def _write_json(path: epath.Path, data: Any) -> None:
+    """Writes ``data`` as JSON through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def _read_json(path: epath.Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _fingerprint(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _guarded(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    data = json.loads(config.to_json_best_effort())
+    return {k: v for k, v in data.items() if k not in UNGUARDED_FIELDS}
+
+
+def _check_workdir(config, workdir: epath.Path, allow_config_change: bool) -> None:
+    """Refuses a workdir that belongs to a sweep with a different config (unless allowed)."""
+    saved = _read_json(workdir / "sweep_config.json")
+    current = _guarded(config)
+    if saved is not None:
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed and not allow_config_change:
+            raise SweepError(
+                f"{workdir} holds a sweep with a different config (differing fields: {', '.join(changed)}). "
+                "Use another --workdir, or --allow_config_change to keep the finished cells whose settings "
+                "are unchanged and run the others"
+            )
+    if jax.process_index() == 0:
+        _write_json(workdir / "sweep_config.json", current)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def provenance() -> dict[str, Any]:
+    """Where results came from: git revision, package versions, devices, host, time."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("imitax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    devices = jax.devices()
+    return {
+        "git_revision": _git_revision(),
+        "packages": versions,
+        "python": platform.python_version(),
+        "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices)},
+        "processes": jax.process_count(),
+        "host": platform.node(),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+
+def _cell_dir(workdir: epath.Path, cell: Cell) -> epath.Path:
+    return workdir / "cells" / cell.id
+
+
+def _base_path(config, workdir: epath.Path, model: str) -> epath.Path:
+    spec = config.base_models[model]
+    return epath.Path(spec.init_from) if spec.get("init_from") else workdir / "base" / model
+
+
+def _cell_train_config(config, workdir: epath.Path, cell: Cell) -> ml_collections.ConfigDict:
+    source = config.data_sources[cell.source]
+    train = ml_collections.ConfigDict(config.train.to_dict())
+    train.init_from = str(_base_path(config, workdir, cell.model))
+    train.data.train = source.train
+    train.data.format = source.get("format", "auto")
+    train.data.template = source.get("template", train.data.template)
+    train.data.skip_invalid = source.get("skip_invalid", train.data.skip_invalid)
+    train.data.token_budget = str(cell.tokens)
+    train.seed = cell.seed
+    return train
+
+
+def _cell_settings(config, workdir: epath.Path, cell: Cell) -> dict[str, Any]:
+    """Everything a cell's result depends on (its fingerprint decides whether a finished cell is kept)."""
+    settings = {
+        "base_model": config.base_models[cell.model].to_dict(),
+        "eval": config.eval.to_dict(),
+    }
+    if cell.source is not None:
+        settings["train"] = json.loads(_cell_train_config(config, workdir, cell).to_json_best_effort())
+    return settings
+
+
+def _pretrain(config, workdir: epath.Path, model: str, log) -> None:
+    """Trains a ``pretrain`` base model (resumes it when interrupted; skips it when done)."""
+    from imitax.train import loop
+
+    path = workdir / "base" / model
+    done = path / "pretrained.json"
+    spec = config.base_models[model].pretrain
+    fingerprint = _fingerprint(spec.to_dict())
+    record = _read_json(done)
+    if record is not None and record.get("fingerprint") == fingerprint:
+        return
+    train = ml_collections.ConfigDict(spec.to_dict())
+    train.progress = False
+    train.overwrite = record is not None  # its settings changed (allowed): start it over
+    log(f"pretraining base model {model} ({train.total_steps} steps)")
+    start = time.perf_counter()
+    result = loop.run(train, str(path))
+    if result.get("preempted"):
+        raise _Preempted()
+    if jax.process_index() == 0:
+        _write_json(done, {"fingerprint": fingerprint, "seconds": time.perf_counter() - start, "result": result})
+    _barrier(f"imitax_pretrained_{model}")
+    log(f"pretrained {model} in {time.perf_counter() - start:.0f} s (loss {result.get('loss', float('nan')):.3f})")
+
+
+class _Preempted(Exception):
+    """The trainer saved and stopped on SIGTERM: the sweep stops too (a rerun resumes)."""
+
+
+def _count_params(path: epath.Path) -> int:
+    from imitax import convert, models
+
+    kind = _model_kind(path)
+    if kind == "hf":
+        cfg = models.config_from_hf(json.loads((path / "config.json").read_text()))
+    else:
+        cfg = convert.load_config(path)
+    abstract = models.abstract_model(cfg)
+    from flax import nnx
+
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+
+
+def _evaluate(config, workdir: epath.Path, cell: Cell, model_path: epath.Path, out: epath.Path) -> dict[str, Any]:
+    """Evaluates the model at ``model_path`` on every task; returns metrics, stderrs and counts."""
+    from imitax import sharding
+    from imitax.eval import evaluator
+    from imitax.eval.lm import LM
+
+    mesh = sharding.make_mesh(config.eval.mesh)
+    with jax.set_mesh(mesh):
+        lm = LM.from_path(str(model_path), mesh=mesh, batch_size=config.eval.batch_size)
+        metrics, stderr, counts = {}, {}, {}
+        for alias, spec in config.eval.tasks.items():
+            task, kwargs = _task_spec(alias, spec)
+            task_out = out / alias if jax.process_index() == 0 else None
+            results = evaluator.evaluate(
+                lm,
+                {task: kwargs},
+                None if task_out is None else str(task_out),
+                model_info={"path": str(model_path), "cell": cell.id},
+                progress=False,
+            )
+            r = results["results"][task]
+            metrics.update({f"{alias}/{k}": v for k, v in r["metrics"].items()})
+            stderr.update({f"{alias}/{k}": v for k, v in r.get("stderr", {}).items()})
+            counts[alias] = r["n"]
+    return {"metrics": metrics, "stderr": stderr, "n": counts}
+
+
+def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict[str, Any]:
+    from imitax.train import loop
+
+    cell_dir = _cell_dir(workdir, cell)
+    record: dict[str, Any] = {
+        "id": cell.id,
+        "model": cell.model,
+        "source": cell.source,
+        "budget": cell.budget,
+        "tokens": cell.tokens,
+        "seed": cell.seed,
+        "fingerprint": fingerprint,
+        "status": "running",
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    previous = _read_json(cell_dir / CELL_FILE) or {}
+    changed = previous.get("fingerprint") not in (None, fingerprint)
+    if jax.process_index() == 0:
+        _write_json(cell_dir / CELL_FILE, record)
+    if cell.source is None:
+        model_path = _base_path(config, workdir, cell.model)
+        record["train"] = None
+    else:
+        train = _cell_train_config(config, workdir, cell)
+        train.overwrite = changed  # allowed config change: the old run is moved aside by the trainer
+        start = time.perf_counter()
+        result = loop.run(train, str(cell_dir / "train"))
+        if result.get("preempted"):
+            raise _Preempted()
+        record["train"] = {"seconds": time.perf_counter() - start, **result}
+        model_path = cell_dir / "train"
+    start = time.perf_counter()
+    record.update(_evaluate(config, workdir, cell, model_path, cell_dir / "eval"))
+    record["eval_seconds"] = time.perf_counter() - start
+    record["params"] = _count_params(epath.Path(model_path))
+    record["status"] = "done"
+    record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return record
+
+
+def _set_compilation_cache(workdir: epath.Path) -> None:
+    """One persistent compilation cache for every cell (unless the environment names another)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
+    # Every program: cells of one model repeat the same train step and scoring programs.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _build_world(config, workdir: epath.Path, log) -> None:
+    from imitax.demo import world
+
+    out = workdir / "world"
+    settings = config.world.to_dict()
+    fingerprint = _fingerprint(settings)
+    record = _read_json(out / "built.json")
+    if record is not None and record.get("fingerprint") == fingerprint:
+        return
+    if jax.process_index() == 0:
+        if out.exists():
+            shutil.rmtree(str(out))
+        try:
+            world_config = world.WorldConfig(**settings)
+        except (TypeError, ValueError) as e:
+            raise SweepError(f"world: {e}") from None
+        summary = world.build(world_config, str(out))
+        _write_json(out / "built.json", {"fingerprint": fingerprint, "summary": summary})
+        log(f"generated the synthetic world in {out}")
+    _barrier("imitax_world_built")
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    stop_on_error: bool = False,
+    allow_config_change: bool = False,
+    log=None,
+) -> dict[str, Any]:
+    """Runs (or resumes) the sweep; writes the records and the report. Returns a summary.
+
+    Raises:
+      SweepError: a bad config or a workdir of another sweep (before anything runs), or, with
+        ``stop_on_error``, the first failed cell.
+    """
+    log = log or (lambda msg: logging.info("%s", msg))
+    workdir = epath.Path(workdir).resolve() if not str(workdir).startswith("gs://") else epath.Path(workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    if config.compilation_cache:
+        _set_compilation_cache(workdir)
+    _check_keys(config, default_config(), "config")
+    _check_workdir(config, workdir, allow_config_change)
+    if config.world:
+        _build_world(config, workdir, log)
+    cells = validate(config, workdir)
+    config = _resolved(config, workdir)
+    start = time.perf_counter()
+    log(f"sweep {config.name!r}: {len(cells)} cells, {len(config.base_models)} base models, workdir {workdir}")
+
+    for model, spec in config.base_models.items():
+        if spec.get("pretrain"):
+            _pretrain(config, workdir, model, log)
+
+    done_seconds, failed, ran = [], [], 0
+    for i, cell in enumerate(cells, start=1):
+        cell_dir = _cell_dir(workdir, cell)
+        fingerprint = _fingerprint(_cell_settings(config, workdir, cell))
+        record = _read_json(cell_dir / CELL_FILE)
+        if record and record.get("status") == "done" and record.get("fingerprint") == fingerprint:
+            log(f"[{i}/{len(cells)}] {cell.id}: finished earlier, kept")
+            continue
+        resumed = " (resuming)" if (cell_dir / "train" / "checkpoints").exists() else ""
+        log(f"[{i}/{len(cells)}] {cell.id}: {'evaluating' if cell.source is None else 'training'}{resumed}")
+        t0 = time.perf_counter()
+        try:
+            record = _run_cell(config, workdir, cell, fingerprint)
+        except _Preempted:
+            log(f"[{i}/{len(cells)}] {cell.id}: preempted (SIGTERM); rerun the same command to resume")
+            return {"preempted": True, "cells": len(cells)}
+        except Exception as e:  # noqa: BLE001 - a failed cell is recorded and the sweep goes on
+            record = {
+                "id": cell.id,
+                "model": cell.model,
+                "source": cell.source,
+                "budget": cell.budget,
+                "tokens": cell.tokens,
+                "seed": cell.seed,
+                "fingerprint": fingerprint,
+                "status": "failed",
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            }
+            if jax.process_index() == 0:
+                _write_json(cell_dir / CELL_FILE, record)
+            failed.append(cell.id)
+            log(f"[{i}/{len(cells)}] {cell.id}: FAILED: {record['error']}")
+            if stop_on_error:
+                raise SweepError(f"cell {cell.id} failed: {record['error']} (details in {cell_dir / CELL_FILE})") from e
+            continue
+        if jax.process_index() == 0:
+            _write_json(cell_dir / CELL_FILE, record)
+        _barrier(f"imitax_cell_{i}")
+        ran += 1
+        seconds = time.perf_counter() - t0
+        done_seconds.append(seconds)
+        left = sum(1 for c in cells[i:])
+        eta = left * float(np.mean(done_seconds))
+        headline = ", ".join(f"{k} {v:.3f}" for k, v in list(record["metrics"].items())[:3])
+        log(
+            f"[{i}/{len(cells)}] {cell.id}: done in {seconds:.0f} s ({headline}); "
+            f"elapsed {_clock(time.perf_counter() - start)}, ~{_clock(eta)} left"
+        )
+    summary = {"cells": len(cells), "ran": ran, "failed": failed}
+    if jax.process_index() == 0:
+        paths = report(workdir, config)
+        summary["report"] = paths
+        log(f"results: {paths['markdown']}; plots in {paths['plots']}")
+    _barrier("imitax_sweep_done")
+    return summary
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+def load_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every cell's record under ``workdir/cells`` (any status)."""
+    root = epath.Path(workdir) / "cells"
+    if not root.exists():
+        return []
+    records = []
+    for path in sorted(pathlib.Path(str(root)).rglob(CELL_FILE)):
+        record = _read_json(epath.Path(path))
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _metric_names(records: Sequence[dict[str, Any]], config) -> list[str]:
+    wanted = _items(config.report.metrics) if config.get("report") else []
+    if wanted:
+        return wanted
+    seen: dict[str, None] = {}
+    for r in records:
+        for k in r.get("metrics", {}):
+            seen.setdefault(k, None)
+    names = list(seen)
+    style = config.report.style_task if config.get("report") else "style"
+    headline = []
+    for alias in dict.fromkeys(n.split("/")[0] for n in names):
+        mine = [n for n in names if n.split("/")[0] == alias and n.count("/") == 1]
+        if alias == style:
+            preferred = [f"{alias}/{m}" for m in STYLE_METRICS if f"{alias}/{m}" in mine]
+        else:
+            preferred = [n for n in mine if n.endswith("/acc") or n.endswith("/exact_match") or n.endswith("/pass@1")]
+        headline += preferred or mine
+    return headline
+
+
+STYLE_METRICS = ("list_recall", "summary_recall", "unigram_f1", "length_corr")
+
+
+def table_rows(records: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per finished (model, source, budget), metrics averaged over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") != "done":
+            continue
+        groups.setdefault((r["model"], r["source"], r["tokens"]), []).append(r)
+    rows = []
+    for (model, source, tokens), rs in groups.items():
+        row = {
+            "model": model,
+            "params": rs[0].get("params"),
+            "source": source or "(base)",
+            "budget": rs[0]["budget"],
+            "tokens": tokens,
+            "seeds": len(rs),
+        }
+        for m in metrics:
+            values = [r["metrics"][m] for r in rs if r["metrics"].get(m) is not None]
+            row[m] = float(np.mean(values)) if values else None
+        rows.append(row)
+    rows.sort(key=lambda r: (r["params"] or 0, r["model"], r["source"] != "(base)", r["source"], r["tokens"]))
+    return rows
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def report(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None) -> dict[str, str]:
+    """Writes ``results/``: results.csv, results.md, provenance.json and the plots (with their data).
+
+    ``config`` defaults to the one saved in the workdir (``--report_only`` redraws from it).
+    """
+    import csv
+
+    workdir = epath.Path(workdir)
+    if config is None:
+        saved = _read_json(workdir / "sweep_config.json")
+        if saved is None:
+            raise SweepError(f"{workdir} holds no sweep (no sweep_config.json): run the sweep first")
+        config = default_config()
+        with config.unlocked():
+            config.update(ml_collections.ConfigDict(saved))
+        config = _resolved(config, workdir)
+    records = load_records(workdir)
+    metrics = _metric_names(records, config)
+    rows = table_rows(records, metrics)
+    out = workdir / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["model", "params", "source", "budget", "tokens", "seeds", *metrics]
+    with open(str(out / "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    failed = [r for r in records if r.get("status") == "failed"]
+    lines = [
+        f"# Sweep {config.name!r}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(_format(r[c]) for c in columns) + " |" for r in rows),
+    ]
+    teacher = _teacher_scores(config)
+    if teacher:
+        lines += ["", "Teacher: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(teacher.items()) if k in metrics)]
+    if failed:
+        lines += ["", "Failed cells:", *(f"- {r['id']}: {r.get('error')}" for r in failed)]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _write_json(out / "provenance.json", {"config": json.loads(config.to_json_best_effort()), **provenance()})
+    from imitax import plots
+
+    plot_dir = out / "plots"
+    plots.draw_all(rows, metrics, teacher, str(plot_dir), style_task=config.report.style_task)
+    return {"csv": str(out / "results.csv"), "markdown": str(out / "results.md"), "plots": str(plot_dir)}
