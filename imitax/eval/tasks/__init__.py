@@ -95,4 +95,4 @@ def generate_until(lm, requests: Sequence[tuple[str, dict[str, Any]]], progress:
 
 
 # Importing a task module registers its tasks. The list is explicit on purpose; add new modules here.
-from imitax.eval.tasks import humaneval, mmlu, multiple_choice, perplexity, style  # noqa: E402, F401
+from imitax.eval.tasks import humaneval, mmlu, multiple_choice, nq_open, perplexity, style  # noqa: E402, F401
