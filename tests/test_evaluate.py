@@ -144,3 +144,156 @@ def test_a_crash_leaves_no_results_json_and_no_partial_file(tmp_path, monkeypatc
         evaluator.evaluate(FakeLM(), {"multiple_choice": config["multiple_choice"]}, out, progress=False)
     assert json.loads((out / "results.json").read_text()) == {"old": True}
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "samples_multiple_choice.jsonl"]
+
+
+def test_generation_longer_than_the_model_is_refused_before_running(tmp_path):
+    lm = FakeLM()
+    lm.max_length = 64
+    config = {
+        "multiple_choice": {"data_file": str(DATA / "mc.jsonl")},
+        "nq_open": {"data_file": str(DATA / "nq_sample.jsonl"), "max_gen_toks": 64},
+    }
+    with pytest.raises(ValueError, match="task 'nq_open': max_gen_toks=64 but the model reads at most 64 tokens"):
+        evaluator.evaluate(lm, config, tmp_path / "out", progress=False)
+    assert lm.calls == [] and not (tmp_path / "out").exists()
+
+
+# -- scripts/evaluate.py ---------------------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random LLaMA with the test tokenizer, saved as a Hugging Face directory."""
+    import torch
+    import transformers
+    from hf_models import tiny_hf_config
+
+    config = tiny_hf_config("llama")
+    config.vocab_size, config.max_position_embeddings = 320, 512  # the tokenizer has 300 ids
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path, safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(str(DATA / "tokenizer")).save_pretrained(path)
+    return path
+
+
+def _script(*args, cache):
+    import subprocess
+    import sys
+
+    from train_helpers import script_env
+
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *map(str, args)],
+        cwd=ROOT,
+        env=script_env(cache, device_count=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(process):
+    stdout, stderr = process.communicate(timeout=600)
+    return process.returncode, stdout, stderr
+
+
+def test_script_end_to_end(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    run = _script(
+        f"--model={hf_dir}",
+        "--tasks=mmlu,nq_open,humaneval,style,multiple_choice",
+        f"--output_dir={out}",
+        "--num_fewshot=1",
+        "--limit=2",
+        "--batch_size=4",
+        "--max_gen_toks=8",
+        f"--mmlu_dir={DATA / 'mmlu'}",
+        f"--nq_file={DATA / 'nq_sample.jsonl'}",
+        f"--humaneval_file={DATA / 'humaneval_sample.jsonl'}",
+        f"--style_file={DATA / 'style_sample.jsonl'}",
+        f"--mc_file={DATA / 'mc.jsonl'}",
+        f"--mc_fewshot_file={DATA / 'mc.jsonl'}",
+        "--mc_scoring=cloze",
+        cache=tmp_path / "cache",
+    )
+    # Bad input, run meanwhile: one line on stderr, exit status 1, nothing written.
+    bad = {
+        "unknown": _script(
+            f"--model={hf_dir}", "--tasks=mmlu,nq_closed", f"--output_dir={tmp_path / 'b1'}", cache=tmp_path / "c1"
+        ),
+        "data": _script(
+            f"--model={hf_dir}",
+            "--tasks=nq_open",
+            f"--nq_file={tmp_path / 'nq.jsonl'}",
+            f"--output_dir={tmp_path / 'b2'}",
+            cache=tmp_path / "c2",
+        ),
+        "model": _script(
+            f"--model={tmp_path}",
+            "--tasks=humaneval",
+            f"--humaneval_file={DATA / 'humaneval_sample.jsonl'}",
+            f"--output_dir={tmp_path / 'b3'}",
+            cache=tmp_path / "c3",
+        ),
+        "style": _script(
+            f"--model={hf_dir}", "--tasks=style", f"--output_dir={tmp_path / 'b4'}", cache=tmp_path / "c4"
+        ),
+    }
+    want = {
+        "unknown": f"evaluate.py: error: unknown task(s) nq_closed; known tasks: {', '.join(tasks.names())}",
+        "data": f"evaluate.py: error: {tmp_path / 'nq.jsonl'}: no such NQ-open data file. Supply local files",
+        "model": f"evaluate.py: error: {tmp_path} is not a model directory. Accepted: an imitax checkpoint",
+        "style": "evaluate.py: error: task 'style' needs --style_file=FILE",
+    }
+    for i, (name, process) in enumerate(bad.items(), start=1):
+        code, _, stderr = _finish(process)
+        assert code == 1, (name, stderr)
+        assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(want[name]), (name, stderr)
+        assert not (tmp_path / f"b{i}").exists()
+
+    code, stdout, stderr = _finish(run)
+    assert code == 0, stderr
+    assert f"wrote {out / 'results.json'}" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"mmlu", "nq_open", "humaneval", "style", "multiple_choice"}
+    assert results["model"]["path"] == str(hf_dir) and results["config"]["mmlu"] == {
+        "data_dir": str(DATA / "mmlu"),
+        "num_fewshot": 1,
+        "limit": 2,
+    }
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["results.json"] + [f"samples_{t}.jsonl" for t in results["results"]]
+    )
+    samples = {t: read_jsonl(out / f"samples_{t}.jsonl") for t in results["results"]}
+    for task, result in results["results"].items():
+        assert result["n"] == len(samples[task]), task
+    r = results["results"]
+
+    mmlu = samples["mmlu"]  # 2 questions of each of the 3 subjects
+    assert r["mmlu"]["n"] == 6 and r["mmlu"]["num_fewshot"] == 1
+    for s in mmlu:
+        assert {"question", "subject", "target", "loglikelihoods", "is_greedy", "acc"} <= set(s)
+        assert len(s["loglikelihoods"]) == len(s["is_greedy"]) == 4
+        assert s["acc"] == float(max(range(4), key=lambda j: s["loglikelihoods"][j]) == s["target"])
+    assert r["mmlu"]["metrics"]["acc"] == pytest.approx(sum(s["acc"] for s in mmlu) / 6)
+    assert r["mmlu"]["info"]["scoring"]["requests"] == 24
+
+    nq = samples["nq_open"]  # the file's first record is the example; the next 2 are scored
+    assert [s["question"] for s in nq] == [
+        json.loads(line)["question"] for line in (DATA / "nq_sample.jsonl").read_text().splitlines()[1:3]
+    ]
+    assert r["nq_open"]["metrics"]["exact_match"] == pytest.approx(sum(s["exact_match"] for s in nq) / 2)
+    assert all("\n" not in s["answer"] for s in nq)
+
+    assert r["humaneval"]["metrics"]["pass@1"] == pytest.approx(sum(s["num_correct"] for s in samples["humaneval"]) / 2)
+    style = samples["style"]
+    assert r["style"]["metrics"]["list_rate"] == pytest.approx(sum(s["answer_list"] for s in style) / 2)
+    assert r["style"]["metrics"]["unigram_f1"] == pytest.approx(sum(s["unigram_f1"] for s in style) / 2)
+    assert r["style"]["info"]["prompts_tokenized_as_in_training"] == 2
+    mc = samples["multiple_choice"]
+    assert r["multiple_choice"]["metrics"]["acc_norm"] == pytest.approx(sum(s["acc_norm"] for s in mc) / 2)
+    assert results["provenance"]["packages"]["imitax"] and results["provenance"]["devices"]["count"] == 1

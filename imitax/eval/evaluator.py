@@ -138,6 +138,20 @@ def build_tasks(tasks: Mapping[str, Mapping[str, Any]], load: bool = True) -> di
     return built
 
 
+def _check_generation_lengths(lm, built: Mapping[str, Any]) -> None:
+    """Refuses, before anything runs, a generation task whose ``max_gen_toks`` leaves no room for a prompt."""
+    max_length = getattr(lm, "max_length", None)
+    if max_length is None:
+        return
+    for name, task in built.items():
+        max_gen_toks = getattr(task, "max_gen_toks", None)
+        if max_gen_toks is not None and max_gen_toks >= max_length:
+            raise ValueError(
+                f"task {name!r}: max_gen_toks={max_gen_toks} but the model reads at most {max_length} tokens; "
+                f"give the task max_gen_toks < {max_length} (scripts/evaluate.py: --max_gen_toks)"
+            )
+
+
 # -- provenance -----------------------------------------------------------------------------------
 
 
@@ -260,13 +274,15 @@ def evaluate(
       The JSON-able dict written to ``results.json`` (see the module docstring).
 
     Raises:
-      ValueError: bad task names or keywords (before anything runs).
+      ValueError: bad task names or keywords, or a generation length the
+        model cannot hold (before anything runs).
       FileNotFoundError: a task's data is missing (before anything runs).
     """
     import jax
 
     started, start = _now(), time.perf_counter()
     built = build_tasks(tasks)
+    _check_generation_lengths(lm, built)
     out_dir = pathlib.Path(output_dir) if output_dir is not None else None
     writer = out_dir is not None and jax.process_index() == 0
     if writer:
