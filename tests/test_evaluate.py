@@ -49,6 +49,12 @@ def test_validate_reports_every_problem_and_lists_what_is_accepted():
     assert "humaneval" not in message.split("known tasks")[0]  # a valid entry is not blamed
     with pytest.raises(ValueError, match="no tasks to evaluate; known tasks: humaneval, mmlu"):
         evaluator.validate_tasks({})
+    # The sweep's grids are ml_collections configs.
+    import ml_collections
+
+    evaluator.validate_tasks(ml_collections.ConfigDict({"mmlu": {"data_dir": "x"}}))
+    with pytest.raises(ValueError, match="task 'mmlu' does not take dir"):
+        evaluator.validate_tasks(ml_collections.FrozenConfigDict({"mmlu": {"dir": "x"}}))
 
 
 def test_nothing_runs_and_nothing_is_written_on_bad_input(tmp_path):

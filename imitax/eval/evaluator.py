@@ -75,17 +75,24 @@ def _keywords(cls: type) -> tuple[list[str], list[str], bool]:
     return [p.name for p in named], required, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
+def _plain(tasks: Any) -> Any:
+    """An ``ml_collections`` ConfigDict (not a ``Mapping``) as nested dicts; anything else as it is."""
+    return tasks.to_dict() if hasattr(tasks, "to_dict") and not isinstance(tasks, Mapping) else tasks
+
+
 def validate_tasks(tasks: Mapping[str, Mapping[str, Any]]) -> None:
     """Checks task names and their keywords without building the tasks or reading data.
 
     Args:
-      tasks: task name (see :func:`imitax.eval.tasks.names`) -> keyword config of its class.
+      tasks: task name (see :func:`imitax.eval.tasks.names`) -> keyword config of its class
+        (dicts, or an ``ml_collections.ConfigDict``).
 
     Raises:
       ValueError: no tasks, an unknown task (the message lists the known ones),
         a keyword the task does not take or a required one missing (the message
         lists the accepted keywords). All problems are reported at once.
     """
+    tasks = _plain(tasks)
     if not isinstance(tasks, Mapping) or not tasks:
         raise ValueError(f"no tasks to evaluate; known tasks: {', '.join(task_registry.names())}")
     problems = []
@@ -124,6 +131,7 @@ def build_tasks(tasks: Mapping[str, Mapping[str, Any]], load: bool = True) -> di
         keyword values (prefixed with the task's name).
       FileNotFoundError: a task's data is missing (the message says how to supply it).
     """
+    tasks = _plain(tasks)
     validate_tasks(tasks)
     built = {}
     for name, config in tasks.items():
@@ -281,6 +289,7 @@ def evaluate(
     import jax
 
     started, start = _now(), time.perf_counter()
+    tasks = _plain(tasks)
     built = build_tasks(tasks)
     _check_generation_lengths(lm, built)
     out_dir = pathlib.Path(output_dir) if output_dir is not None else None
