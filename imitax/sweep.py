@@ -332,6 +332,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
         raise SweepError("data_sources: empty, but token_budgets asks for finetuning")
     if not _items(config.seeds):
         raise SweepError("seeds: empty; give at least one, e.g. --config.seeds=0")
+    for where, train in [("train", config.train)] + [
+        (f"base_models.{n}.pretrain", s.pretrain) for n, s in config.base_models.items() if s.get("pretrain")
+    ]:
+        _check_batch(train, where)
     batch_tokens = config.train.batch_size * config.train.seq_len
     for cell in cells:
         if cell.source is not None and cell.tokens < batch_tokens:
@@ -356,6 +360,22 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
         if key.split("/")[0] not in config.eval.tasks:
             raise SweepError(f"teacher: {key!r} names no evaluation task (tasks: {', '.join(config.eval.tasks)})")
     return cells
+
+
+def _check_batch(train: ml_collections.ConfigDict, where: str) -> None:
+    """The global batch splits evenly over the mesh's batch axes and the accumulation steps."""
+    from imitax import sharding
+
+    try:
+        mesh = sharding.make_mesh(train.mesh)
+    except ValueError as e:
+        raise SweepError(f"{where}.mesh: {e}") from None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if train.batch_size % (shards * train.grad_accum_steps):
+        raise SweepError(
+            f"{where}.batch_size: {train.batch_size} is not divisible by the mesh's data x fsdp = {shards} "
+            f"devices times grad_accum_steps = {train.grad_accum_steps}; change one of them"
+        )
 
 
 def _task_spec(alias: str, spec: Any) -> tuple[str, dict[str, Any]]:
@@ -398,17 +418,17 @@ def _fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _guarded(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    data = json.loads(config.to_json_best_effort())
+def _guarded(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in UNGUARDED_FIELDS}
 
 
 def _check_workdir(config, workdir: epath.Path, allow_config_change: bool) -> None:
     """Refuses a workdir that belongs to a sweep with a different config (unless allowed)."""
     saved = _read_json(workdir / "sweep_config.json")
-    current = _guarded(config)
+    current = json.loads(config.to_json_best_effort())
     if saved is not None:
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        old, new = _guarded(saved), _guarded(current)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed and not allow_config_change:
             raise SweepError(
                 f"{workdir} holds a sweep with a different config (differing fields: {', '.join(changed)}). "
@@ -613,12 +633,15 @@ def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict
 
 
 def _set_compilation_cache(workdir: epath.Path) -> None:
-    """One persistent compilation cache for every cell (unless the environment names another)."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    """One persistent compilation cache for every cell, unless the user (or the environment) set one."""
+    if jax.config.jax_compilation_cache_dir:
         return
+    from jax.experimental.compilation_cache import compilation_cache
+
     jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
     # Every program: cells of one model repeat the same train step and scoring programs.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # the cache is set up once per process: make it see the dir
 
 
 def _build_world(config, workdir: epath.Path, log) -> None:
