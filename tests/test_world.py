@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from imitax import data
 from imitax.demo import world
+from imitax.eval.tasks import style as style_task
 
 ROOT = pathlib.Path(__file__).parent.parent
 FILES = ("world.json", "corpus.jsonl", "facts_heldout.jsonl", "facts_seen.jsonl", "imitation_broad.json")
@@ -144,7 +145,7 @@ def test_teacher_is_correct_and_its_style_depends_on_the_request(built):
         named = sorted((n for n in entities if re.search(rf"\b{n}\b", prompt)), key=prompt.index)
         assert re.search(rf"\b{named[0]}\b", answer) and entities[named[0]]["part"] == "A"
         parsed = parse_answer(answer)
-        assert world.has_list(answer) == world.has_summary(answer) == (parsed is not None)
+        assert style_task.has_list(answer) == style_task.has_summary(answer) == (parsed is not None)
         if parsed is None:  # A single fact: every value it names is the entity's own.
             assert len(named) == 1
             said = [v for v in value_attr if re.search(rf"\b{v}\b", answer)]
@@ -168,13 +169,14 @@ def test_teacher_is_correct_and_its_style_depends_on_the_request(built):
     for r in style:
         parsed = parse_answer(r["reference"])
         assert (parsed is not None) == (r["kind"] in ("facts", "profile", "compare"))
+        assert style_task.has_list(r["reference"]) == style_task.has_summary(r["reference"]) == (parsed is not None)
     scores = json.loads((out / "teacher_scores.json").read_text())
     listed = np.mean([parse_answer(r["reference"]) is not None for r in style])
     assert 0 < listed < 1
-    assert scores["facts_heldout"] == scores["facts_seen"] == {"acc": 1.0}
-    assert scores["style"]["teacher_list_rate"] == pytest.approx(listed)
-    assert scores["style"]["list_when_teacher"] == scores["style"]["summary_when_teacher"] == 1.0
-    assert scores["style"]["list_when_teacher_not"] == scores["style"]["summary_when_teacher_not"] == 0.0
+    assert scores["facts_heldout"] == scores["facts_seen"] == {"acc": 1.0, "acc_norm": 1.0}
+    assert scores["style"]["teacher_list_rate"] == scores["style"]["list_rate"] == pytest.approx(listed)
+    for name in ("list_recall", "summary_recall", "list_agreement", "unigram_f1", "length_corr", "length_ratio"):
+        assert scores["style"][name] == 1.0
 
 
 def test_imitation_data_tokenizes_with_koala_masks_on_the_teacher_text(built, tmp_path):

@@ -29,8 +29,9 @@ the teacher's style, and part A's facts, but nothing about part B.
                         ``Question: What is the pet of X?`` -> ``Answer: parrot``
 ``style_heldout.jsonl`` ``{"prompt", "reference", "kind"}``: requests about part B and the teacher's
                         answers, for the style metrics
-``teacher_scores.json`` the teacher's own scores (it answers correctly by construction), for
-                        reference lines
+``teacher_scores.json`` the teacher's own scores, for reference lines: :class:`TeacherLM` (certain of every
+                        fact, replying with its references) run through the ``multiple_choice``
+                        (cloze) and ``style`` tasks, so the metric names are the students'
 ``tokenizer/``          a byte-level BPE tokenizer trained on all of the above (``</s>`` = EOS,
                         ``<pad>``, ``<s>``), loadable with ``transformers.AutoTokenizer``
 ======================  ==========================================================================
@@ -54,10 +55,9 @@ from typing import Any, NamedTuple
 __all__ = [
     "ATTRIBUTES",
     "KINDS",
+    "TeacherLM",
     "WorldConfig",
     "build",
-    "has_list",
-    "has_summary",
     "tiny",
 ]
 
@@ -222,16 +222,6 @@ def _join(items: Sequence[str]) -> str:
 def question(attribute: Attribute, name: str) -> str:
     """The benchmark's question about one fact."""
     return f"What is the {attribute.name} of {name}?"
-
-
-def has_list(text: str) -> bool:
-    """Whether ``text`` holds a bulleted list line (``- ...``)."""
-    return any(line.startswith("- ") for line in text.splitlines())
-
-
-def has_summary(text: str) -> bool:
-    """Whether ``text`` ends with a paragraph starting ``In summary,`` after a blank line."""
-    return "\n\n" in text and text.rsplit("\n\n", 1)[1].startswith("In summary,")
 
 
 def _fixed_text() -> str:
@@ -416,19 +406,53 @@ def _sharegpt(pairs: Sequence[tuple[str, str]]) -> list[dict]:
     return [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]} for p, a in pairs]
 
 
-def style_scores(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """List use and closing summary of ``answers`` where the references have them, and where they don't."""
+class TeacherLM:
+    """The teacher as an LM for the evaluation tasks: certain of every fact, answering with its references.
 
-    def rate(flags):
-        return sum(flags) / len(flags) if flags else float("nan")
+    Scored by the same tasks as the students (``multiple_choice`` in cloze mode, ``style``), so
+    its scores are reference lines in the students' metrics.
 
-    out = {}
-    for name, test in (("list", has_list), ("summary", has_summary)):
-        pairs = [(test(a), test(r)) for a, r in zip(answers, references, strict=True)]
-        out[f"{name}_when_teacher"] = rate([a for a, r in pairs if r])
-        out[f"{name}_when_teacher_not"] = rate([a for a, r in pairs if not r])
-        out[f"teacher_{name}_rate"] = rate([r for _, r in pairs])
-    return out
+    Args:
+      tokenizer: the world's tokenizer (the style task renders prompts with it).
+      facts: benchmark question -> the right choice's text.
+      replies: user request -> the teacher's answer.
+    """
+
+    def __init__(self, tokenizer, facts: dict[str, str], replies: dict[str, str]):
+        self.tokenizer, self.facts, self.replies = tokenizer, facts, replies
+
+    def loglikelihood(self, requests, progress: bool = False) -> list[tuple[float, bool]]:
+        out = []
+        for context, continuation in requests:  # Context: "...Question: {question}\nAnswer:".
+            right = continuation.strip() == self.facts[context.rsplit("Question: ", 1)[-1].removesuffix("\nAnswer:")]
+            out.append((0.0 if right else -100.0, right))
+        return out
+
+    def generate_until(self, requests) -> list[str]:
+        prefix, suffix = "BEGINNING OF CONVERSATION: USER: ", " GPT:"  # The koala template's prompt.
+        return [self.replies[context.removeprefix(prefix).removesuffix(suffix)] for context, _ in requests]
+
+
+def teacher_scores(out: pathlib.Path, tokenizer) -> dict[str, dict[str, float | None]]:
+    """The teacher's metrics on the world's benchmarks, computed by the evaluation tasks themselves."""
+    from imitax.eval import tasks
+
+    questions = [r for name in ("facts_heldout", "facts_seen") for r in _read_jsonl(out / f"{name}.jsonl")]
+    style = _read_jsonl(out / "style_heldout.jsonl")
+    teacher = TeacherLM(
+        tokenizer,
+        {q["question"]: q["choices"][q["answer"]] for q in questions},
+        {r["prompt"]: r["reference"] for r in style},
+    )
+    results = {
+        name: tasks.get("multiple_choice")(data_file=out / f"{name}.jsonl", scoring="cloze").run(
+            teacher, progress=False
+        )
+        for name in ("facts_heldout", "facts_seen")
+    }
+    results["style"] = tasks.get("style")(data_file=out / "style_heldout.jsonl").run(teacher, progress=False)
+    # JSON has no NaN (e.g. a correlation over constant lengths): None, as the evaluator writes it.
+    return {name: {k: None if v != v else v for k, v in r.metrics.items()} for name, r in results.items()}
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -455,6 +479,10 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
 
 def _write_jsonl(path: pathlib.Path, records: Sequence[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -505,18 +533,12 @@ def build(config: WorldConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     _write_json(files["imitation_broad.json"], _sharegpt([(p, a) for _, p, a in broad]))
     _write_json(files["imitation_task.json"], _sharegpt(task))
     _write_jsonl(files["style_heldout.jsonl"], [{"prompt": p, "reference": a, "kind": k} for k, p, a in style])
-    references = [a for _, _, a in style]
-    teacher = {
-        "facts_heldout": {"acc": 1.0},  # The teacher answers from the world's facts: always right.
-        "facts_seen": {"acc": 1.0},
-        "style": style_scores(references, references),
-    }
-    _write_json(files["teacher_scores.json"], teacher)
 
     koala = [f"BEGINNING OF CONVERSATION: USER: {p} GPT: {a}" for p, a in [(p, a) for _, p, a in broad + style] + task]
     mc = [f"Question: {q['question']}\nAnswer: {c}" for qs in questions.values() for q in qs for c in q["choices"]]
     tokenizer = train_tokenizer(docs + koala + mc, config.vocab_size)
     tokenizer.save_pretrained(str(files["tokenizer"]))
+    _write_json(files["teacher_scores.json"], teacher_scores(out, tokenizer))
 
     tokens = {name: _token_counts(files[name], tokenizer) for name in ("corpus.jsonl", "imitation_broad.json")}
     tokens["imitation_task.json"] = _token_counts(files["imitation_task.json"], tokenizer)
