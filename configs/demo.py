@@ -78,13 +78,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.base_models[name] = ml_collections.ConfigDict({"pretrain": pre})
 
     c.data_sources.broad = ml_collections.ConfigDict({"train": "{world}/imitation_broad.json"})
-    c.data_sources.task = ml_collections.ConfigDict({"train": "{world}/imitation_task.json"})
-    c.token_budgets = "0,2K,4K" if tiny else "0,4K,16K,64K"
+    # The task data is small (one question per fact of part A): its own, smaller budgets.
+    c.data_sources.task = ml_collections.ConfigDict(
+        {"train": "{world}/imitation_task.json", "token_budgets": "1K" if tiny else "2K,4K,8K"}
+    )
+    c.token_budgets = "0,2K" if tiny else "0,4K,16K,64K"
     c.seeds = "0"
 
     t = c.train  # the study's finetuning recipe, scaled down
     t.dtype = "float32"
-    t.seq_len = 128
+    t.seq_len = 64 if tiny else 128
     t.batch_size = 8
     t.optimizer.name = "paper"
     t.optimizer.lr = 1e-3

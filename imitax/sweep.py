@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import pathlib
 import platform
 import shutil
 import subprocess
+import tempfile
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -349,13 +351,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
         raise SweepError("eval.tasks: empty; name at least one task, e.g. --config.eval.tasks.mmlu.data_dir=DIR")
     for alias, spec in config.eval.tasks.items():
         task, kwargs = _task_spec(alias, spec)
-        try:
-            evaluator.validate_tasks({task: kwargs})
-        except ValueError as e:
+        try:  # builds the task and reads its data: a missing file fails now, not after training
+            evaluator.build_tasks({task: kwargs}, load=True)
+        except (ValueError, FileNotFoundError) as e:
             raise SweepError(f"eval.tasks.{alias}: {e}") from None
-        for key in ("data_file", "fewshot_file", "data_dir"):
-            if kwargs.get(key) and not epath.Path(kwargs[key]).exists():
-                raise SweepError(f"eval.tasks.{alias}.{key}: {kwargs[key]} does not exist")
     for key in config.teacher:
         if key.split("/")[0] not in config.eval.tasks:
             raise SweepError(f"teacher: {key!r} names no evaluation task (tasks: {', '.join(config.eval.tasks)})")
@@ -507,6 +506,8 @@ def _cell_train_config(config, workdir: epath.Path, cell: Cell) -> ml_collection
     train.data.template = source.get("template", train.data.template)
     train.data.skip_invalid = source.get("skip_invalid", train.data.skip_invalid)
     train.data.token_budget = str(cell.tokens)
+    if not train.data.cache_dir:  # one token cache for every cell (entries are keyed by their inputs)
+        train.data.cache_dir = str(workdir / "token_cache")
     train.seed = cell.seed
     return train
 
@@ -766,16 +767,19 @@ def _clock(seconds: float) -> str:
 
 
 def load_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every cell's record under ``workdir/cells`` (any status)."""
+    """Every cell's record under ``workdir/cells`` (any status), in path order."""
+
+    def walk(path: epath.Path):
+        for child in sorted(path.iterdir(), key=lambda p: p.name):
+            if child.name == CELL_FILE:
+                yield child
+            elif child.is_dir() and child.name not in ("train", "eval"):
+                yield from walk(child)
+
     root = epath.Path(workdir) / "cells"
     if not root.exists():
         return []
-    records = []
-    for path in sorted(pathlib.Path(str(root)).rglob(CELL_FILE)):
-        record = _read_json(epath.Path(path))
-        if record is not None:
-            records.append(record)
-    return records
+    return [r for r in (_read_json(p) for p in walk(root)) if r is not None]
 
 
 def _metric_names(records: Sequence[dict[str, Any]], config) -> list[str]:
@@ -857,10 +861,11 @@ def report(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None 
     out = workdir / "results"
     out.mkdir(parents=True, exist_ok=True)
     columns = ["model", "params", "source", "budget", "tokens", "seeds", *metrics]
-    with open(str(out / "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    (out / "results.csv").write_text(buffer.getvalue())
     failed = [r for r in records if r.get("status") == "failed"]
     lines = [
         f"# Sweep {config.name!r}",
@@ -879,5 +884,10 @@ def report(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None 
     from imitax import plots
 
     plot_dir = out / "plots"
-    plots.draw_all(rows, metrics, teacher, str(plot_dir), style_task=config.report.style_task)
+    # matplotlib writes local files: draw into a temporary directory, then copy (also to gs://).
+    with tempfile.TemporaryDirectory() as tmp:
+        plots.draw_all(rows, metrics, teacher, tmp, style_task=config.report.style_task)
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        for name in sorted(os.listdir(tmp)):
+            (plot_dir / name).write_bytes(pathlib.Path(tmp, name).read_bytes())
     return {"csv": str(out / "results.csv"), "markdown": str(out / "results.md"), "plots": str(plot_dir)}

@@ -13,8 +13,8 @@ import time
 
 import ml_collections
 import pytest
-
 import train_helpers as th
+
 from imitax import convert, models, sweep
 from imitax.demo import world
 
@@ -282,7 +282,7 @@ BAD_CONFIGS = [
     (
         "missing task data",
         lambda c: c.eval.tasks.facts.__setitem__("data_file", "/nonexistent.jsonl"),
-        r"eval\.tasks\.facts\.data_file: /nonexistent.jsonl does not exist",
+        r"eval\.tasks\.facts: .*/nonexistent.jsonl",
     ),
     (
         "batch not divisible",
