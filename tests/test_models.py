@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_models import FAMILIES, VOCAB, hf_logits, tiny_pair, to_imitax
+from hf_models import FAMILIES, KINDS, VOCAB, hf_logits, tiny_pair, to_imitax
+
+from imitax import models
+from imitax.convert import core
+from imitax.models import layers, transformer
 
 ATOL = 1e-4
 BATCH, LENGTH = 3, 24
@@ -209,3 +213,217 @@ def test_bfloat16_compute_is_close_to_float32(kind):
 def test_transformers_reference_is_float32():
     torch_model, _ = tiny_pair("llama")
     assert all(p.dtype == torch.float32 for p in torch_model.parameters())
+
+
+# -- (e) dropout ---------------------------------------------------------------------------------
+
+RATE = 0.2
+PROBE_LAYERS = 3
+
+
+@pytest.fixture
+def fast_compile():
+    """XLA's optimizations off (as the trainer tests run): each of these tiny programs runs once or
+    twice, and with the masks' random-bit generation compiling took 3x longer than running."""
+    previous = jax.config._read("jax_disable_most_optimizations")  # a flag: no public getter
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+
+
+PROBE_SITES = 1 + 2 * PROBE_LAYERS  # the embeddings, then each layer's attention and MLP outputs
+
+
+def binomial_bound(n: int, p: float, sigmas: float = 5.0) -> float:
+    """How far a fraction of ``n`` independent Bernoulli(``p``) draws may stray from ``p`` (5 sigma)."""
+    return sigmas * np.sqrt(p * (1 - p) / n)
+
+
+class _Identity(nnx.Module):
+    def __call__(self, x):
+        return x
+
+
+@functools.cache
+def site_probe(kind: str) -> nnx.GraphDef | tuple:
+    """``(graphdef, state)`` of a model whose residual stream spells out every dropout mask.
+
+    The embeddings are all 1 and each layer's attention and MLP outputs are the constants 2, 4
+    (layer 0), 8, 16 (layer 1)... (their kernels zero, their biases set), and the final norm is
+    the identity. Without dropout every entry of ``hidden`` is ``2**PROBE_SITES - 1``; with dropout
+    at ``RATE`` everywhere, ``entry * (1 - RATE)`` is an integer whose bit ``k`` says whether site
+    ``k`` kept that entry. Dropout anywhere else (e.g. on the residual stream itself) would scale
+    some terms twice and break the integers.
+    """
+    cls = {"gpt2": models.GPT2Config, "gpt_neox": models.GPTNeoXConfig}[kind]
+    cfg = cls(
+        vocab_size=16,
+        hidden_size=32,
+        num_layers=PROBE_LAYERS,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=8,
+        mlp_dim=64,
+        max_position_embeddings=64,
+        embed_dropout=RATE,
+        attention_dropout=RATE,
+        residual_dropout=RATE,
+    )
+    # Weights drawn with numpy into the abstract model: no init program to compile.
+    rng = np.random.default_rng(0)
+    shapes = nnx.state(models.abstract_model(cfg), nnx.Param).to_pure_dict()
+    params = jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(np.float32), shapes)
+    params["embed"] = np.ones_like(params["embed"])
+    if "pos_embed" in params:
+        params["pos_embed"] = np.zeros_like(params["pos_embed"])
+    for i, (branch, proj) in enumerate([("attn", "o_proj"), ("mlp", "down_proj")]):
+        weights = params["layers"][branch][proj]
+        weights["kernel"] = np.zeros_like(weights["kernel"])
+        codes = 2.0 ** (1 + i + 2 * np.arange(PROBE_LAYERS))  # this branch's bit in each layer
+        weights["bias"] = np.broadcast_to(codes[:, None], weights["bias"].shape).astype(np.float32)
+    model = core.model_from_params(cfg, params)
+    model.final_norm = _Identity()
+    return nnx.split(model)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probe_hidden(graphdef, state, tokens_bt, dropout_rng):
+    return nnx.merge(graphdef, state).hidden(tokens_bt, dropout_rng=dropout_rng)[0]
+
+
+def probe_masks(kind: str, row_keys, **changes) -> np.ndarray:
+    """``keep[site, b, t, e]`` read off :func:`site_probe`'s residual stream, 32 positions per row.
+
+    Args:
+      kind: the probe's family.
+      row_keys: one key per row.
+      **changes: config fields to change (run-time options such as ``scan_layers``).
+    """
+    graphdef, state = site_probe(kind)
+    if changes:
+        model = nnx.merge(graphdef, state)
+        model.cfg = model.cfg.replace(**changes)
+        graphdef, state = nnx.split(model)
+    tokens_bt = jnp.zeros((row_keys.shape[0], 32), jnp.int32)
+    codes = np.asarray(_probe_hidden(graphdef, state, tokens_bt, row_keys)) * (1 - RATE)
+    assert np.abs(codes - np.round(codes)).max() < 1e-4, "a dropout site scaled by other than 1 / (1 - rate)"
+    codes = np.round(codes).astype(np.int64)
+    return np.stack([(codes >> k) & 1 for k in range(PROBE_SITES)]).astype(bool)
+
+
+ROW_KEYS = jax.random.split(jax.random.key(0), 4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox"])  # sequential and parallel residual
+@pytest.mark.usefixtures("fast_compile")
+def test_dropout_sites_draw_independent_masks(kind):
+    keep = probe_masks(kind, ROW_KEYS)
+    n = keep[0].size
+    dropped = 1 - keep.reshape(PROBE_SITES, -1).mean(axis=1)
+    assert np.all(np.abs(dropped - RATE) <= binomial_bound(n, RATE)), dropped
+    # Every pair of sites (so every layer) draws its own mask: both dropped as often as independence says.
+    for i in range(PROBE_SITES):
+        for j in range(i):
+            both = np.mean(~keep[i] & ~keep[j])
+            assert abs(both - RATE**2) <= binomial_bound(n, RATE**2), (i, j, both)
+    # Elementwise masks: they differ between rows, between positions and between features.
+    embed = keep[0]
+    assert not np.array_equal(embed[0], embed[1])
+    assert not np.array_equal(embed[:, 0], embed[:, 1])
+    assert not np.array_equal(embed[..., 0], embed[..., 1])
+    # A row's masks are a function of its key alone (not of its place in the batch); other keys, other masks.
+    order = np.array([2, 0, 3, 1])
+    np.testing.assert_array_equal(probe_masks(kind, ROW_KEYS[order]), keep[:, order])
+    other = probe_masks(kind, jax.random.split(jax.random.key(1), 4))
+    assert abs(np.mean(other != keep) - 2 * RATE * (1 - RATE)) <= binomial_bound(keep.size, 2 * RATE * (1 - RATE))
+
+
+@pytest.mark.usefixtures("fast_compile")
+def test_unrolled_layers_draw_the_scanned_masks():
+    np.testing.assert_array_equal(probe_masks("gpt2", ROW_KEYS, scan_layers=False), probe_masks("gpt2", ROW_KEYS))
+
+
+def test_one_dropout_key_stands_for_a_key_per_row():
+    key = jax.random.key(3)
+    per_row = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(4))
+    got = transformer._row_keys(key, 4)
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(per_row))
+    assert transformer._row_keys(per_row, 4) is per_row
+    with pytest.raises(ValueError, match=r"one key or one key per row \(4\), got shape \(3,\)"):
+        transformer._row_keys(per_row[:3], 4)
+    with pytest.raises(TypeError, match="typed PRNG key"):
+        transformer._row_keys(jax.random.key_data(key), 4)
+
+
+@pytest.mark.parametrize("length", [40, 160])  # one block of queries, and the causal blocks
+@pytest.mark.usefixtures("fast_compile")
+def test_attention_dropout_drops_probabilities(length):
+    """With one-hot values, attention's output is its (dropped-out) probability matrix itself."""
+    b, h, k = 2, 4, 2
+    rng = np.random.default_rng(0)
+    q_bthd = rng.normal(size=(b, length, h, 8)).astype(np.float32)
+    k_bskd = rng.normal(size=(b, length, k, 8)).astype(np.float32)
+    v_bskd = np.broadcast_to(np.eye(length, dtype=np.float32)[None, :, None, :], (b, length, k, length))
+    mask_bts = np.broadcast_to(np.tril(np.ones((length, length), bool)), (b, length, length))
+    scale = 1 / np.sqrt(8)
+
+    # The reference probabilities [b, t, h, s], in float64.
+    logits = np.einsum("bthd,bshd->bths", q_bthd, np.repeat(k_bskd, h // k, axis=2)) * scale
+    logits = np.where(mask_bts[:, :, None, :], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+
+    attend = jax.jit(
+        lambda rate, key: layers.dot_product_attention(
+            q_bthd, k_bskd, v_bskd, mask_bts, scale, causal=True, dropout_rate=rate, rng_b=key
+        ),
+        static_argnums=0,
+    )
+    np.testing.assert_allclose(np.asarray(attend(0.0, None)), probs, atol=1e-6)
+    out = np.asarray(attend(RATE, jax.random.split(jax.random.key(0), b)))
+    visible = np.broadcast_to(mask_bts[:, :, None, :], out.shape)
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], probs[kept] / (1 - RATE), rtol=1e-5, atol=1e-7)
+    assert not kept[~visible].any()
+    n = int(visible.sum())
+    dropped = 1 - kept[visible].mean()
+    assert abs(dropped - RATE) <= binomial_bound(n, RATE), dropped
+    # Heads sharing a KV head, and rows, draw their own masks.
+    assert not np.array_equal(kept[:, :, 0], kept[:, :, 1])
+    assert not np.array_equal(kept[0], kept[1])
+
+
+def test_zero_rates_with_a_key_are_bitwise_deterministic():
+    _, model = tiny_pair("gpt2")  # transformers' GPT-2 config: dropout 0.1 at all three places
+    assert (model.cfg.embed_dropout, model.cfg.attention_dropout, model.cfg.residual_dropout) == (0.1, 0.1, 0.1)
+    tokens, positions, segments, _ = left_padded_batch(seed=4)
+    plain = forward(model, tokens, positions, segments)
+    off = nnx.merge(*nnx.split(model))
+    off.cfg = off.cfg.replace(embed_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+    graphdef, state = nnx.split(off)
+    key = jax.random.key(0)
+    run = jax.jit(lambda g, s, key: nnx.merge(g, s)(tokens, positions, segments, dropout_rng=key), static_argnums=0)
+    np.testing.assert_array_equal(np.asarray(run(graphdef, state, key)), plain)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox"])
+def test_dropout_rates_map_to_transformers_configs(kind):
+    cls, kwargs = KINDS[kind]
+    fields = {
+        "gpt2": dict(embd_pdrop=0.01, attn_pdrop=0.02, resid_pdrop=0.03),
+        "llama": dict(attention_dropout=0.02),
+        "gpt_neox": dict(hidden_dropout=0.03, attention_dropout=0.02),
+    }[kind]
+    want = {
+        "gpt2": (0.01, 0.02, 0.03),
+        "llama": (0.0, 0.02, 0.0),  # transformers' llama has attention dropout only
+        "gpt_neox": (0.03, 0.02, 0.03),  # hidden_dropout: the embeddings and both residual branches
+    }[kind]
+    cfg = models.config_from_hf(cls(**kwargs, **fields).to_dict())
+    assert (cfg.embed_dropout, cfg.attention_dropout, cfg.residual_dropout) == want
+    exported = cfg.to_hf_config()
+    assert {k: getattr(exported, k) for k in fields} == fields
+    with pytest.raises(ValueError, match=r"residual_dropout must be in \[0, 1\), got 1.0"):
+        cfg.replace(residual_dropout=1.0)

@@ -13,8 +13,9 @@ What the study did (DESIGN.md, "Facts from the study"): conversations in the
 Koala format with loss on the teacher's turns only, concatenated and chunked into
 2048-token blocks; batch 32; one epoch; lr 2e-3 with 1000 linear warm-up steps
 and no decay; unfactored Adafactor with momentum 0.9, decay rate 0.95,
-parameter scaling, global-norm clipping 1.0, decoupled weight decay 1e-3.
-(Its dropout of 0.05 is not implemented in imitax yet.)
+parameter scaling, global-norm clipping 1.0, decoupled weight decay 1e-3;
+dropout 0.05 (on the embeddings, the attention probabilities and the residual
+branches: the places the reference code's GPT-2 and LLaMA models have it).
 """
 
 import importlib.util
@@ -30,6 +31,7 @@ def _base():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
 
 MODELS = ("gpt2-1.5b", "llama-7b", "llama-13b")
 SOURCES = {"sharegpt_mix": "auto", "nq_synthetic": "auto"}
@@ -58,5 +60,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optimizer.b1, c.optimizer.b2 = 0.9, 0.95
     c.optimizer.clip_norm = 1.0
     c.optimizer.weight_decay = 1e-3
+    c.dropout = 0.05
     c.remat = "full"  # 7B/13B at 2048 tokens need it on 80 GB accelerators
     return c

@@ -40,6 +40,14 @@ class TransformerConfig:
         in the layers flagged by ``sliding_layers`` (``None`` = every layer).
       scale_attn_by_layer: GPT-2's ``scale_attn_by_inverse_layer_idx``.
       bos_token_id, eos_token_id, pad_token_id: special token ids (eos may be a tuple).
+      embed_dropout, attention_dropout, residual_dropout: dropout rates (training
+        only: the model drops nothing unless called with a ``dropout_rng``) on the
+        input embeddings, on the attention probabilities, and on each attention
+        and MLP output before it joins the residual stream. These are the three
+        places GPT-2 (``embd_pdrop``, ``attn_pdrop``, ``resid_pdrop``), GPT-NeoX
+        (``hidden_dropout`` for the first and last, ``attention_dropout``) and
+        EasyLM's LLaMA, which the study trained with, put dropout; transformers'
+        LLaMA family has ``attention_dropout`` only.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
       remat: one of :data:`REMAT_POLICIES`; scan_layers: ``lax.scan`` over the
         (always stacked) layer parameters instead of a Python loop.
@@ -75,6 +83,9 @@ class TransformerConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    embed_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
@@ -89,6 +100,9 @@ class TransformerConfig:
         check(self.activation in ("gelu", "gelu_tanh", "silu"), f"unsupported activation {self.activation!r}")
         check(self.position in ("learned", "rope"), f"position must be learned or rope, got {self.position!r}")
         check(self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads")
+        for name in ("embed_dropout", "attention_dropout", "residual_dropout"):
+            rate = getattr(self, name)
+            check(0.0 <= rate < 1.0, f"{name} must be in [0, 1), got {rate!r}")
         check(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("dtype", "param_dtype"):
             try:

@@ -48,6 +48,9 @@ class GPT2Config(TransformerConfig):
             activation=hf_activation(hf.activation_function),
             scale_attn_by_layer=bool(hf.scale_attn_by_inverse_layer_idx),
             tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+            embed_dropout=float(hf.embd_pdrop),
+            attention_dropout=float(hf.attn_pdrop),
+            residual_dropout=float(hf.resid_pdrop),
             **token_ids(hf),
         )
 
@@ -66,6 +69,9 @@ class GPT2Config(TransformerConfig):
             activation_function=act,
             scale_attn_by_inverse_layer_idx=self.scale_attn_by_layer,
             tie_word_embeddings=self.tie_embeddings,
+            embd_pdrop=self.embed_dropout,
+            attn_pdrop=self.attention_dropout,
+            resid_pdrop=self.residual_dropout,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,

@@ -57,6 +57,10 @@ class GPTNeoXConfig(TransformerConfig):
             qkv_bias=bias,
             out_bias=bias,
             tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            # hidden_dropout acts on the embeddings and on both residual branches.
+            embed_dropout=float(hf.hidden_dropout),
+            attention_dropout=float(hf.attention_dropout),
+            residual_dropout=float(hf.hidden_dropout),
             **rope_fields(hf.rope_parameters),
             **token_ids(hf),
         )
@@ -79,6 +83,9 @@ class GPTNeoXConfig(TransformerConfig):
             use_parallel_residual=self.parallel_residual,
             attention_bias=self.qkv_bias,
             tie_word_embeddings=self.tie_embeddings,
+            # One field for both (a training setting: an exported model's outputs never depend on it).
+            hidden_dropout=self.residual_dropout,
+            attention_dropout=self.attention_dropout,
             rope_parameters=rope_parameters(self),
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,

@@ -78,6 +78,37 @@ class Norm(nnx.Module):
         return x.astype(dtype)
 
 
+def dropout(x: jax.Array, rate: float, rng_b: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zeroes each entry with probability ``rate``, scales the rest by ``1 / (1 - rate)``.
+
+    Written out (not ``nnx.Dropout``) because the keys are explicit: one per batch
+    row, passed down through ``lax.scan`` and ``jax.checkpoint``, so that a row's
+    mask depends only on its own key, whatever the micro-batching or sharding.
+
+    Args:
+      x: activations with the batch as the leading axis.
+      rate: the drop probability, a Python float in ``[0, 1)``.
+      rng_b: one typed PRNG key per row of ``x``, or ``None`` (then, or with
+        ``rate == 0``, ``x`` is returned untouched).
+    """
+    if rng_b is None or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    keep_mask = jax.vmap(lambda key: jax.random.bernoulli(key, keep, x.shape[1:]))(rng_b)
+    return jnp.where(keep_mask, x / keep, jnp.zeros((), x.dtype))
+
+
+def fold_in(rng_b: jax.Array | None, data: int | jax.Array) -> jax.Array | None:
+    """``jax.random.fold_in`` of every row's key (``None`` stays ``None``)."""
+    if rng_b is None:
+        return None
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng_b, data)
+
+
+# Sub-keys of one layer's row keys, one per dropout site.
+ATTN_PROBS, ATTN_OUT, MLP_OUT = 0, 1, 2
+
+
 def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "silu":
         return jax.nn.silu(x)
@@ -141,7 +172,19 @@ class Attention(nnx.Module):
         self.inv_freq = tuple(rope_inv_freq(cfg).tolist()) if cfg.position == "rope" else None
         self.num_kv_heads = k
 
-    def __call__(self, x_bte, positions_bt, mask_bts, scale, kv_cache=None, cache_index=None, causal=False):
+    def __call__(
+        self,
+        x_bte,
+        positions_bt,
+        mask_bts,
+        scale,
+        kv_cache=None,
+        cache_index=None,
+        causal=False,
+        *,
+        dropout_rate=0.0,
+        rng_b=None,
+    ):
         """Attends ``x`` to itself (and to the cached keys when ``kv_cache`` is given).
 
         Args:
@@ -154,6 +197,9 @@ class Attention(nnx.Module):
           cache_index: where the new keys go in the cache.
           causal: without a cache, the caller promises that ``mask_bts`` never lets
             token i see a token after it; this lets attention skip those logits.
+          dropout_rate, rng_b: dropout on the attention probabilities (as
+            GPT-2's ``attn_pdrop``, LLaMA's and GPT-NeoX's ``attention_dropout``)
+            with one key per row; ``rng_b=None`` is deterministic.
 
         Returns:
           ``(out_bte, new_kv_cache)``.
@@ -174,7 +220,9 @@ class Attention(nnx.Module):
         else:
             k_bskd, v_bskd = k_btkd, v_btkd
         causal = causal and kv_cache is None
-        out_bthd = dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale, causal=causal)
+        out_bthd = dot_product_attention(
+            q_bthd, k_bskd, v_bskd, mask_bts, scale, causal=causal, dropout_rate=dropout_rate, rng_b=rng_b
+        )
         return self.o_proj("bthd,hde->bte", out_bthd), kv_cache
 
 
@@ -186,7 +234,7 @@ class Attention(nnx.Module):
 CAUSAL_BLOCK = 128
 
 
-def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale, *, causal=False):
+def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale, *, causal=False, dropout_rate=0.0, rng_b=None):
     """Softmax attention with grouped KV heads; logits and softmax in float32.
 
     With ``causal=True`` (keys are the queries' own tokens, ``s = t``, and
@@ -195,19 +243,24 @@ def dot_product_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale, *, causal=Fal
     row. The skipped logits are masked anyway, so every row that attends to at
     least one key gets the same result; a fully masked row (padding) averages
     the values of the keys its block sees instead of all of them.
+
+    With ``rng_b`` (one key per row), the probabilities go through
+    :func:`dropout` at ``dropout_rate``; each query block draws its own mask.
     """
     t = q_bthd.shape[1]
     if not causal or k_bskd.shape[1] != t or t <= CAUSAL_BLOCK:
-        return _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale)
+        return _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale, dropout_rate, rng_b)
     outs = []
-    for start in range(0, t, CAUSAL_BLOCK):
+    for i, start in enumerate(range(0, t, CAUSAL_BLOCK)):
         end = min(start + CAUSAL_BLOCK, t)
         q_block, mask_block = q_bthd[:, start:end], mask_bts[:, start:end, :end]
-        outs.append(_attend(q_block, k_bskd[:, :end], v_bskd[:, :end], mask_block, scale))
+        outs.append(
+            _attend(q_block, k_bskd[:, :end], v_bskd[:, :end], mask_block, scale, dropout_rate, fold_in(rng_b, i))
+        )
     return jnp.concatenate(outs, axis=1)
 
 
-def _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale):
+def _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale, dropout_rate=0.0, rng_b=None):
     b, t, h, d = q_bthd.shape
     k = k_bskd.shape[2]
     q_btkgd = q_bthd.reshape(b, t, k, h // k, d)
@@ -215,8 +268,9 @@ def _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale):
     logits = logits * scale
     logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+    probs = dropout(probs, dropout_rate, rng_b)
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
-    return out_btkgd.reshape(b, t, h, d)
+    return out_btkgd.reshape(b, t, h, v_bskd.shape[-1])
 
 
 class MLP(nnx.Module):

@@ -68,6 +68,7 @@ class LlamaConfig(TransformerConfig):
             tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             sliding_window=window,
             sliding_layers=sliding_layers,
+            attention_dropout=float(hf.attention_dropout or 0.0),
             **rope_fields(hf.rope_parameters),
             **token_ids(hf),
         )
@@ -91,6 +92,9 @@ class LlamaConfig(TransformerConfig):
             bos_token_id=self.bos_token_id,
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             pad_token_id=self.pad_token_id,
+            # transformers' llama family has no embedding or residual dropout; like every
+            # dropout rate these only matter for training, so they are left out of the export.
+            attention_dropout=self.attention_dropout,
             dtype=self.param_dtype,
         )
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imitax.models import layers
 from imitax.models.config import TransformerConfig
 from imitax.models.layers import MLP, Attention, Norm, _param
 from imitax.sharding import constrain
@@ -39,15 +40,46 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
         self.parallel_residual = cfg.parallel_residual
 
-    def __call__(self, x_bte, positions_bt, mask_bts, scale, kv_cache=None, cache_index=None, causal=False):
+    def __call__(
+        self,
+        x_bte,
+        positions_bt,
+        mask_bts,
+        scale,
+        kv_cache=None,
+        cache_index=None,
+        causal=False,
+        *,
+        dropout_rates=(0.0, 0.0),
+        rng_b=None,
+    ):
+        """One layer; ``dropout_rates`` are (attention probabilities, residual branches).
+
+        Residual dropout applies to the attention and the MLP outputs before they
+        join the residual stream, as GPT-2's ``resid_pdrop`` and GPT-NeoX's
+        ``hidden_dropout`` do; ``rng_b`` (one key per row, or ``None`` for no
+        dropout) is this layer's own.
+        """
+        attn_rate, resid_rate = dropout_rates
         attn_bte, kv_cache = self.attn(
-            self.attn_norm(x_bte), positions_bt, mask_bts, scale, kv_cache, cache_index, causal
+            self.attn_norm(x_bte),
+            positions_bt,
+            mask_bts,
+            scale,
+            kv_cache,
+            cache_index,
+            causal,
+            dropout_rate=attn_rate,
+            rng_b=layers.fold_in(rng_b, layers.ATTN_PROBS),
         )
+        attn_bte = layers.dropout(attn_bte, resid_rate, layers.fold_in(rng_b, layers.ATTN_OUT))
         if self.parallel_residual:
-            x_bte = x_bte + attn_bte + self.mlp(self.mlp_norm(x_bte))
+            mlp_bte = self.mlp(self.mlp_norm(x_bte))
+            x_bte = x_bte + attn_bte + layers.dropout(mlp_bte, resid_rate, layers.fold_in(rng_b, layers.MLP_OUT))
         else:
             x_bte = x_bte + attn_bte
-            x_bte = x_bte + self.mlp(self.mlp_norm(x_bte))
+            mlp_bte = self.mlp(self.mlp_norm(x_bte))
+            x_bte = x_bte + layers.dropout(mlp_bte, resid_rate, layers.fold_in(rng_b, layers.MLP_OUT))
         return constrain(x_bte, ("act_batch", "act_len", "act_embed")), kv_cache
 
 
@@ -58,6 +90,9 @@ class Transformer(nnx.Module):
     ``model.extend(tokens_bt, cache, ...)`` runs the same network against a KV
     cache (prefill and decode). Segment ids mark packed examples: a token
     attends only to earlier tokens of its own segment, and segment 0 is padding.
+
+    Dropout (the config's ``*_dropout`` rates) is applied only when a
+    ``dropout_rng`` is passed (training); without one the model is deterministic.
     """
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -85,9 +120,9 @@ class Transformer(nnx.Module):
 
     # -- public API --------------------------------------------------------------
 
-    def __call__(self, tokens_bt, positions=None, segment_ids=None) -> jax.Array:
-        """Float32 logits ``[batch, length, vocab]``."""
-        h_bte, _ = self.hidden(tokens_bt, positions, segment_ids)
+    def __call__(self, tokens_bt, positions=None, segment_ids=None, *, dropout_rng=None) -> jax.Array:
+        """Float32 logits ``[batch, length, vocab]`` (``dropout_rng``: see :meth:`hidden`)."""
+        h_bte, _ = self.hidden(tokens_bt, positions, segment_ids, dropout_rng=dropout_rng)
         return self.logits(h_bte)
 
     def extend(self, tokens_bt, cache: Cache, positions=None, segment_ids=None) -> tuple[jax.Array, Cache]:
@@ -108,18 +143,28 @@ class Transformer(nnx.Module):
             "index": jnp.zeros((), jnp.int32),
         }
 
+    def output_weight(self) -> tuple[jax.Array, str]:
+        """The output projection and its einsum string: ``(embed [v, e], 've')`` if tied, else ``(lm_head, 'ev')``."""
+        if self.lm_head is None:
+            return self.embed[...], "ve"
+        return self.lm_head[...], "ev"
+
     def logits(self, h_bte) -> jax.Array:
         """Projects final hidden states onto the vocabulary (float32)."""
-        if self.lm_head is None:
-            w = self.embed[...].astype(h_bte.dtype)
-            out = jnp.einsum("bte,ve->btv", h_bte, w, preferred_element_type=jnp.float32)
-        else:
-            w = self.lm_head[...].astype(h_bte.dtype)
-            out = jnp.einsum("bte,ev->btv", h_bte, w, preferred_element_type=jnp.float32)
-        return constrain(out, ("act_batch", "act_len", "act_vocab"))
+        return project(h_bte, *self.output_weight())
 
-    def hidden(self, tokens_bt, positions=None, segment_ids=None, cache: Cache | None = None):
-        """Final-norm hidden states ``[batch, length, embed]`` and the updated cache."""
+    def hidden(self, tokens_bt, positions=None, segment_ids=None, cache: Cache | None = None, *, dropout_rng=None):
+        """Final-norm hidden states ``[batch, length, embed]`` and the updated cache.
+
+        Args:
+          tokens_bt, positions, segment_ids: the tokens, their positions (default
+            ``0..t-1`` after the cache) and segment ids (default all 1).
+          cache: a KV cache from :meth:`init_cache` to extend, or ``None``.
+          dropout_rng: ``None`` (deterministic: evaluation, scoring, generation),
+            a typed PRNG key, or one key per row (``[batch]``; the train step
+            derives them from the global row index, so a row's masks do not
+            depend on micro-batching). Each layer and each site draws its own mask.
+        """
         cfg = self.cfg
         b, t = tokens_bt.shape
         start = 0 if cache is None else cache["index"]
@@ -145,9 +190,12 @@ class Transformer(nnx.Module):
         )
         distance_bts = positions[:, :, None] - k_pos_bs[:, None, :]
 
+        rng_b = _row_keys(dropout_rng, b)
         x_bte = jnp.take(self.embed[...], tokens_bt, axis=0).astype(cfg.dtype)
         if self.pos_embed is not None:
             x_bte = x_bte + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.dtype)
+        # Embedding dropout draws from the row keys themselves; layer i from fold_in(row key, i + 1).
+        x_bte = layers.dropout(x_bte, cfg.embed_dropout, rng_b)
         x_bte = constrain(x_bte, ("act_batch", "act_len", "act_embed"))
 
         windows = jnp.asarray([w or _NO_WINDOW for w in cfg.layer_windows()], jnp.int32)
@@ -156,18 +204,25 @@ class Transformer(nnx.Module):
             jnp.float32,
         )
         graphdef, layer_state = nnx.split(self.layers)
+        rates = (cfg.attention_dropout, cfg.residual_dropout)
+        # [layers, b] keys: scanned over like the layer parameters, so each layer draws its own masks.
+        layer_rng = None
+        if rng_b is not None:
+            layer_rng = jax.vmap(lambda i: layers.fold_in(rng_b, i + 1))(jnp.arange(cfg.num_layers))
 
         def layer(x_bte, xs):
-            state, window, scale, kv = xs
+            state, window, scale, kv, rng = xs
             mask = mask_bts & (distance_bts < window)
             # Without a cache the keys are these tokens and the mask is causal by construction.
-            x_bte, kv = nnx.merge(graphdef, state)(x_bte, positions, mask, scale, kv, start, causal=cache is None)
+            x_bte, kv = nnx.merge(graphdef, state)(
+                x_bte, positions, mask, scale, kv, start, causal=cache is None, dropout_rates=rates, rng_b=rng
+            )
             return x_bte, kv
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
         kv = None if cache is None else (cache["k"], cache["v"])
-        xs = (layer_state, windows, scales, kv)
+        xs = (layer_state, windows, scales, kv, layer_rng)
         if cfg.scan_layers:
             x_bte, kv = jax.lax.scan(layer, x_bte, xs)
         else:
@@ -187,3 +242,22 @@ class Transformer(nnx.Module):
                 "index": start + t,
             }
         return h_bte, cache
+
+
+def project(h_bte: jax.Array, w: jax.Array, w_axes: str) -> jax.Array:
+    """Float32 logits ``h @ w`` for an output weight laid out as ``w_axes`` (``'ve'`` or ``'ev'``)."""
+    out = jnp.einsum(f"bte,{w_axes}->btv", h_bte, w.astype(h_bte.dtype), preferred_element_type=jnp.float32)
+    return constrain(out, ("act_batch", "act_len", "act_vocab"))
+
+
+def _row_keys(dropout_rng: jax.Array | None, batch: int) -> jax.Array | None:
+    """One typed key per row: ``fold_in(key, row)`` of a single key, or the given ``[batch]`` keys."""
+    if dropout_rng is None:
+        return None
+    if not jnp.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key):
+        raise TypeError("dropout_rng must be a typed PRNG key (jax.random.key), not raw key data")
+    if dropout_rng.ndim == 0:
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(dropout_rng, jnp.arange(batch))
+    if dropout_rng.shape != (batch,):
+        raise ValueError(f"dropout_rng must be one key or one key per row ({batch}), got shape {dropout_rng.shape}")
+    return dropout_rng

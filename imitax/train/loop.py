@@ -107,6 +107,9 @@ def _tokenizer_source(config, kind: str | None, init_path: epath.Path | None) ->
 
 def _load_model(config, mesh) -> tuple[models.Transformer, str | None, epath.Path | None]:
     options = dict(dtype=config.dtype, remat=config.remat, scan_layers=config.scan_layers)
+    # One rate at the three places the study's code (EasyLM) and GPT-2 put dropout; it replaces
+    # whatever a Hugging Face config.json says (GPT-2's 0.1 were its pretraining settings).
+    options |= {k: config.dropout for k in ("embed_dropout", "attention_dropout", "residual_dropout")}
     if not config.init_from:
         overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
         cfg = models.preset(config.model, param_dtype=config.param_dtype, **options, **overrides)
@@ -228,11 +231,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             logging.info("resumed from step %d", int(state.step))
         del model  # the train state owns the parameters now
         step_fn = train_step.jit_train_step(
-            train_step.make_train_step(graphdef, optimizer, schedule, config.grad_accum_steps),
+            train_step.make_train_step(
+                graphdef, optimizer, schedule, config.grad_accum_steps, loss_chunk_len=config.loss_chunk_len
+            ),
             shardings,
             batch_sharding,
         )
-        eval_fn = jax.jit(train_step.make_eval_step(graphdef))
+        eval_fn = jax.jit(train_step.make_eval_step(graphdef, loss_chunk_len=config.loss_chunk_len))
 
     flops_per_token = metrics.train_flops_per_token(cfg, config.seq_len)
     peak, peak_source = metrics.peak_flops_per_second()
