@@ -230,3 +230,15 @@ def test_bad_config_names_the_field(tmp_path):
     config = world.WorldConfig(num_entities=6, broad_examples=5, style_examples=5000, values_per_attribute=4)
     with pytest.raises(ValueError, match="could not find 5000 distinct requests about the 3 entities of part B"):
         world.build(config, tmp_path)
+
+
+def test_task_examples_beyond_the_facts_repeat_each_fact_per_pass():
+    config = world.WorldConfig(**{**world.tiny().__dict__, "task_examples": 150})
+    w = world.make_world(config)
+    facts = world.task_conversations(w, config)
+    distinct = {(f"Question: What is the {a} of {e['name']}?", f"Answer: {v}")
+                for e in w["entities"] if e["part"] == "A" for a, v in e["facts"].items()}  # fmt: skip
+    assert len(facts) == 150 and len(distinct) == 60
+    assert set(facts[:60]) == set(facts[60:120]) == distinct  # Whole passes, each reshuffled.
+    assert facts[:60] != facts[60:120] and len(set(facts[120:])) == 30
+    assert world.task_conversations(w, world.tiny()) == facts[:60]  # The default: one pass.

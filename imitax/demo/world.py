@@ -143,7 +143,8 @@ class WorldConfig:
       qa_fraction: share of each part's entities whose facts also appear in the corpus as
         question/answer lines in the benchmark's format.
       broad_examples: conversations in ``imitation_broad.json``.
-      task_examples: conversations in ``imitation_task.json``; None: one per fact of part A.
+      task_examples: conversations in ``imitation_task.json``; None: one per fact of part A; more
+        than that repeats the facts (every one once per pass).
       style_examples: records in ``style_heldout.jsonl``.
       num_choices: choices per benchmark question.
       vocab_size: the tokenizer's vocabulary (a multiple of 64 keeps the model's embedding exact).
@@ -402,6 +403,23 @@ def teacher_conversations(world: dict, part: str, count: int, rng: random.Random
     )
 
 
+def task_conversations(world: dict, config: WorldConfig) -> list[tuple[str, str]]:
+    """The benchmark's question about each fact of part A and its answer, in passes of reshuffled facts.
+
+    ``task_examples`` beyond the number of facts repeats them (every fact once per pass), so the
+    task data can fill token budgets as large as the broad data's.
+    """
+    rng = random.Random(f"{config.seed}:task")
+    facts = [(f"Question: {question(a, e['name'])}", f"Answer: {e['facts'][a.name]}")
+             for e in world["entities"] if e["part"] == "A" for a in ATTRIBUTES]  # fmt: skip
+    count = config.task_examples or len(facts)
+    out = []
+    while len(out) < count:
+        rng.shuffle(facts)
+        out += facts[: count - len(out)]
+    return out
+
+
 def _sharegpt(pairs: Sequence[tuple[str, str]]) -> list[dict]:
     return [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]} for p, a in pairs]
 
@@ -515,10 +533,7 @@ def build(config: WorldConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     questions = {part: fact_questions(world, part, config) for part in ("A", "B")}
     broad = teacher_conversations(world, "A", config.broad_examples, random.Random(f"{config.seed}:broad"))
     style = teacher_conversations(world, "B", config.style_examples, random.Random(f"{config.seed}:style"))
-    task = [(f"Question: {question(a, e['name'])}", f"Answer: {e['facts'][a.name]}")
-            for e in world["entities"] if e["part"] == "A" for a in ATTRIBUTES]  # fmt: skip
-    random.Random(f"{config.seed}:task").shuffle(task)
-    task = task if config.task_examples is None else task[: config.task_examples]
+    task = task_conversations(world, config)
 
     files = {
         name: out / name
