@@ -31,7 +31,7 @@ import transformers
 from flax import nnx
 
 from imitax import data, models, sharding
-from imitax.convert import ConversionError
+from imitax.convert import ConversionError, core
 from imitax.data.formats import TEACHER, USER, Conversation
 from imitax.train import optim
 from imitax.train import state as train_state
@@ -64,8 +64,17 @@ def tokenizer(tok_dir):
 
 @pytest.fixture(scope="module")
 def overrides(tok_dir):
-    """The reference run's settings; tests derive theirs from these."""
-    return th.base_overrides(tok_dir) | {"total_steps": TOTAL_STEPS, "checkpoint_every": 10}
+    """The reference run's settings; tests derive theirs from these.
+
+    With dropout and a chunked cross-entropy (64 positions in chunks of 24, the last one padded):
+    the resume tests then show that a resumed run draws the same masks as an uninterrupted one.
+    """
+    return th.base_overrides(tok_dir) | {
+        "total_steps": TOTAL_STEPS,
+        "checkpoint_every": 10,
+        "dropout": 0.1,
+        "loss_chunk_len": 24,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +104,12 @@ def optimizer_config(**changes) -> ml_collections.ConfigDict:
     return cfg
 
 
-def train(model, mesh, optimizer, batch_list, *, grad_accum_steps=1, schedule=None):
+def train(model, mesh, optimizer, batch_list, *, grad_accum_steps=1, schedule=None, loss_chunk_len=0):
     """Runs the train step over ``batch_list`` on ``mesh``: ``(final params, [metrics per step])``.
 
     ``model``'s weights are copied onto ``mesh``: one random init serves every mesh (the init is
-    the slowest of these programs to compile).
+    the slowest of these programs to compile). The cross-entropy is unchunked unless
+    ``loss_chunk_len`` says otherwise.
     """
     graphdef, weights = nnx.split(model)
     model = nnx.merge(graphdef, jax.device_put(weights, sharding.state_shardings(weights, mesh)))
@@ -107,7 +117,9 @@ def train(model, mesh, optimizer, batch_list, *, grad_accum_steps=1, schedule=No
     batch_sharding = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh):
         state = train_state.create_train_state(model, optimizer, shardings, seed=0)
-        fn = train_step.make_train_step(graphdef, optimizer, schedule or (lambda step: 0.0), grad_accum_steps)
+        fn = train_step.make_train_step(
+            graphdef, optimizer, schedule or (lambda step: 0.0), grad_accum_steps, loss_chunk_len=loss_chunk_len
+        )
         step_fn = train_step.jit_train_step(fn, shardings, batch_sharding)
         history = []
         for batch in batch_list:
@@ -118,6 +130,13 @@ def train(model, mesh, optimizer, batch_list, *, grad_accum_steps=1, schedule=No
 
 def one_device_mesh():
     return sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
+
+
+def with_dropout(model, rate: float):
+    """The same weights (shared, not copied) with every dropout rate set to ``rate``."""
+    out = nnx.merge(*nnx.split(model))
+    out.cfg = out.cfg.replace(embed_dropout=rate, attention_dropout=rate, residual_dropout=rate)
+    return out
 
 
 def single_row(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
@@ -154,22 +173,30 @@ def one_device_losses(tiny_model, batches):
 
 @pytest.mark.parametrize("spec", MESHES)
 def test_sharded_steps_match_one_device(spec, tiny_model, one_device_losses, batches):
+    """Sharded, with the cross-entropy in chunks of 16 positions; on one device, unchunked."""
     mesh = sharding.make_mesh(spec)
     assert mesh.devices.size == 8
     optimizer, schedule = optim.make_optimizer(optimizer_config(name="adamw", lr=3e-3, warmup_steps=0), 10)
-    _, history = train(tiny_model, mesh, optimizer, [batches.batch_at(s) for s in range(3)], schedule=schedule)
+    batch_list = [batches.batch_at(s) for s in range(3)]
+    _, history = train(tiny_model, mesh, optimizer, batch_list, schedule=schedule, loss_chunk_len=16)
     expected = [m["loss"] for m in one_device_losses]
     np.testing.assert_allclose([m["loss"] for m in history], expected, atol=1e-5, rtol=0)
     assert expected[2] < expected[0]  # the steps did train: a match of untrained losses proves little
 
 
 def test_gradient_accumulation_equals_one_big_step(tiny_model, batches):
+    """Two micro-batches on 2 devices = one batch on 1 device, with dropout 0.1.
+
+    Each row's dropout masks come from (rng, step, row), so neither the micro-batching nor the
+    sharding changes them.
+    """
     # Plain SGD: the parameters move by lr * gradient, so they compare the gradients themselves
     # (Adam's normalization would turn float noise in near-zero gradients into whole lr-sized steps).
-    mesh = sharding.make_mesh("fsdp=2", devices=jax.devices()[:2])
+    model = with_dropout(tiny_model, 0.1)
     batch_list = [batches.batch_at(s) for s in range(2)]
-    params, history = train(tiny_model, mesh, optax.sgd(0.5), batch_list)
-    params_acc, history_acc = train(tiny_model, mesh, optax.sgd(0.5), batch_list, grad_accum_steps=2)
+    params, history = train(model, one_device_mesh(), optax.sgd(0.5), batch_list)
+    mesh = sharding.make_mesh("fsdp=2", devices=jax.devices()[:2])
+    params_acc, history_acc = train(model, mesh, optax.sgd(0.5), batch_list, grad_accum_steps=2)
     for key in ("loss", "accuracy", "loss_tokens", "grad_norm"):
         np.testing.assert_allclose([m[key] for m in history_acc], [m[key] for m in history], atol=1e-5, rtol=0)
     # The micro-batches differ in how many loss tokens they hold: a mean of per-micro-batch means
@@ -177,6 +204,10 @@ def test_gradient_accumulation_equals_one_big_step(tiny_model, batches):
     rows = batch_list[0]["loss_mask"].sum(axis=1)
     assert rows[:4].sum() != rows[4:].sum()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), params_acc, params)
+    # And dropout did act: the first step's loss is not the deterministic loss of the same weights.
+    graphdef, weights = nnx.graphdef(tiny_model), nnx.state(tiny_model, nnx.Param).to_pure_dict()
+    deterministic = jax.device_get(jax.jit(train_step.make_eval_step(graphdef))(weights, batch_list[0]))
+    assert abs(history[0]["loss"] - deterministic["loss_sum"] / deterministic["tokens"]) > 1e-3
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
@@ -267,6 +298,105 @@ def test_paper_optimizer_matches_its_formula():
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=1e-7, err_msg=f"step {t}, {k}")
     assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(settings["lr"])
+
+
+# -- dropout and the chunked cross-entropy -------------------------------------------------------
+
+
+def test_dropout_at_rate_0_is_bitwise_no_dropout(tiny_model, batches):
+    batch = batches.batch_at(0)
+    keys = train_step.dropout_keys(jax.random.key_data(jax.random.key(0)), 0, 8)
+    graphdef, params = nnx.graphdef(tiny_model), nnx.state(tiny_model, nnx.Param).to_pure_dict()
+    cfg = tiny_model.cfg
+    assert cfg.residual_dropout == cfg.attention_dropout == cfg.embed_dropout == 0
+    value_and_grad = jax.jit(
+        jax.value_and_grad(lambda p, k: train_step.loss_terms(graphdef, p, batch, dropout_rng=k)[0])
+    )
+    jax.tree.map(np.testing.assert_array_equal, value_and_grad(params, keys), value_and_grad(params, None))
+
+
+def test_dropout_follows_the_rng_and_the_step_and_remat_redraws_it(tiny_model, batches):
+    """A pure function of (rng, step): the same loss again, another at another step, none in
+    evaluation; a rematerialized layer's backward pass recomputes it with the same masks."""
+    batch = batches.batch_at(0)
+    rng = jax.random.key_data(jax.random.key(0))
+    params = nnx.state(tiny_model, nnx.Param).to_pure_dict()
+    results = {}
+    for remat in ("none", "full"):
+        model = with_dropout(tiny_model, 0.1)
+        model.cfg = model.cfg.replace(remat=remat)
+        graphdef = nnx.graphdef(model)
+        value_and_grad = jax.jit(
+            jax.value_and_grad(lambda p, k, g=graphdef: train_step.loss_terms(g, p, batch, dropout_rng=k)[0])
+        )
+        results[remat] = [jax.device_get(value_and_grad(params, train_step.dropout_keys(rng, s, 8))) for s in (0, 1)]
+    (at_0, grads), (at_1, _) = results["none"]
+    again, grads_remat = results["full"][0]
+    assert at_0 == again and at_1 != at_0
+    # Recomputation changes float rounding only; a fresh mask would change whole gradient entries.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0), grads_remat, grads)
+
+    evaluated = jax.jit(train_step.make_eval_step(graphdef))(params, batch)
+    without = jax.jit(train_step.make_eval_step(nnx.graphdef(tiny_model)))(params, batch)
+    assert float(evaluated["loss_sum"]) == float(without["loss_sum"]) != at_0
+
+
+def test_chunked_cross_entropy_equals_unchunked(tiny_model, batches):
+    """Loss, accuracy and gradients with the (tied) vocabulary projection in chunks of 24 positions
+    (the last of the 64 padded) equal one pass over all positions. (The sharded step tests compare
+    chunks of 16 against one pass with the untied head.)
+
+    Tolerance: float32 sums taken in another order. The loss sums 8 x 64 terms: within 1e-6 of it.
+    Each gradient entry sums up to 512 products, per chunk and then across chunks (autodiff sums
+    them in one reduction): within 1e-5 of the largest entry of its parameter (about 100 float32
+    epsilons; a wrong mask, target or softmax term is off by whole per-token gradients).
+    """
+    untied = nnx.state(tiny_model, nnx.Param).to_pure_dict()
+    params = {k: v for k, v in untied.items() if k != "lm_head"}
+    graphdef = nnx.graphdef(core.model_from_params(tiny_model.cfg.replace(tie_embeddings=True), params))
+    batch = batches.batch_at(1)
+
+    def terms(chunk_len):
+        fn = jax.grad(lambda p: train_step.loss_terms(graphdef, p, batch, chunk_len=chunk_len), has_aux=True)
+        return jax.device_get(jax.jit(fn)(params))
+
+    grads, aux = terms(0)
+    assert aux["tokens"] > 50  # teacher tokens only: masked positions must add nothing either
+    chunked_grads, chunked_aux = terms(24)
+    np.testing.assert_allclose(chunked_aux["loss_sum"], aux["loss_sum"], rtol=1e-6)
+    assert chunked_aux["tokens"] == aux["tokens"] and chunked_aux["correct"] == aux["correct"]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0), chunked_grads, grads
+    )
+
+
+def test_chunked_cross_entropy_bounds_the_steps_memory(compile_cache):
+    """The compiled step's temporary memory no longer grows with [batch, length, vocab] logits.
+
+    A one-layer model with a 8192-token vocabulary (logits dominate), compiled, not run. The
+    unchunked step's temporaries hold the float32 logits and their gradient; doubling the length of
+    the step that goes through them 16 positions at a time adds less than half of the shorter
+    batch's logits (what it adds is attention's and the [batch, length, embed] activations' share;
+    unchunked, it added 2.3 times those logits).
+    """
+    shape = th.TINY_LLAMA | dict(vocab_size=8192, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64)
+    abstract = models.abstract_model(models.preset("llama-7b", **shape, dtype="float32"))
+    mesh = one_device_mesh()
+    optimizer = optax.sgd(0.1)
+    shardings = train_state.state_shardings(abstract, optimizer, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    temp = {}
+    with jax.set_mesh(mesh):
+        state = train_state.abstract_train_state(abstract, optimizer, shardings)
+        for chunk_len, length in ((0, 128), (16, 128), (16, 256)):
+            fn = train_step.make_train_step(nnx.graphdef(abstract), optimizer, lambda s: 0.1, loss_chunk_len=chunk_len)
+            dtypes = {k: np.float32 if k == "loss_mask" else np.int32 for k in train_step.BATCH_KEYS}
+            batch = {k: jax.ShapeDtypeStruct((8, length), d, sharding=batch_sharding) for k, d in dtypes.items()}
+            compiled = train_step.jit_train_step(fn, shardings, batch_sharding).lower(state, batch).compile()
+            temp[chunk_len, length] = compiled.memory_analysis().temp_size_in_bytes
+    logits_bytes = 8 * 128 * shape["vocab_size"] * 4  # 32 MiB
+    assert temp[0, 128] > 2 * logits_bytes, temp  # the logits, and their gradient
+    assert temp[16, 256] - temp[16, 128] < logits_bytes / 2, temp
 
 
 # -- the loss mask and packing ------------------------------------------------------------------
