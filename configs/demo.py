@@ -11,8 +11,8 @@ What runs (``imitax/demo/world.py`` describes the world):
    imitation data: lists and a closing "In summary," paragraph) and as the teacher's answers in
    the benchmark's own question form about part A ("task" imitation data).
 2. Three LLaMA-style base models of different sizes are trained from scratch on the corpus.
-3. Each base model is finetuned on each imitation source at several token budgets (the
-   study's optimizer, Koala turn format, loss on the teacher's tokens only).
+3. Each base model is finetuned on each imitation source at several token budgets (Koala turn
+   format, loss on the teacher's tokens only, one epoch of the budget).
 4. Every cell is evaluated: factual accuracy on the held-out part B (log-likelihood of each
    choice after "Question: ...\nAnswer:") and on part A, and the style metrics of its answers to
    held-out requests against the teacher's (list and summary use, unigram F1, length correlation).
@@ -25,11 +25,12 @@ import ml_collections
 from imitax import sweep
 from imitax.demo import world
 
-# name -> (hidden, layers, heads, mlp, pretraining steps): widths x2 per size, same token count.
+# name -> (hidden, layers, heads, mlp, pretraining steps): the same 200 steps of 16 x 128 tokens
+# (about 8 passes over the corpus) for every size, so the larger models memorize more of it.
 SIZES = {
-    "small": (64, 2, 4, 192, 600),
-    "medium": (128, 3, 4, 384, 600),
-    "large": (256, 4, 8, 768, 600),
+    "small": (64, 2, 4, 128, 200),
+    "medium": (96, 3, 4, 192, 200),
+    "large": (128, 4, 4, 256, 200),
 }
 TINY_SIZES = {"small": (32, 1, 2, 64, 20), "large": (64, 2, 4, 128, 20)}
 
@@ -70,28 +71,32 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         pre.total_steps = steps
         pre.optimizer.name = "adamw"
         pre.optimizer.lr = 3e-3
-        pre.optimizer.schedule = "cosine"
-        pre.optimizer.warmup_steps = max(1, steps // 20)
-        pre.optimizer.weight_decay = 0.01
+        pre.optimizer.schedule = "constant"
+        pre.optimizer.warmup_steps = max(1, steps // 10)
+        pre.optimizer.weight_decay = 0.0
         pre.checkpoint_every = steps
-        pre.log_every = max(1, steps // 4)
+        pre.log_every = max(1, steps // 5)
         c.base_models[name] = ml_collections.ConfigDict({"pretrain": pre})
 
     c.data_sources.broad = ml_collections.ConfigDict({"train": "{world}/imitation_broad.json"})
     # The task data is small (one question per fact of part A): its own, smaller budgets.
     c.data_sources.task = ml_collections.ConfigDict(
-        {"train": "{world}/imitation_task.json", "token_budgets": "1K" if tiny else "2K,4K,8K"}
+        {"train": "{world}/imitation_task.json", "token_budgets": "1K" if tiny else "4K,12K"}
     )
-    c.token_budgets = "0,2K" if tiny else "0,4K,16K,64K"
+    c.token_budgets = "0,2K" if tiny else "0,8K,32K,128K"
     c.seeds = "0"
 
-    t = c.train  # the study's finetuning recipe, scaled down
+    # The study's finetuning recipe (Koala turns, loss on the teacher's tokens, one epoch of the
+    # budget), scaled down; AdamW, because the study's parameter-scaled Adafactor at its learning
+    # rate moves weights of these tiny models too little in a few dozen steps.
+    t = c.train
     t.dtype = "float32"
     t.seq_len = 64 if tiny else 128
     t.batch_size = 8
-    t.optimizer.name = "paper"
+    t.optimizer.name = "adamw"
     t.optimizer.lr = 1e-3
-    t.optimizer.warmup_steps = 4
+    t.optimizer.warmup_steps = 5
+    t.optimizer.weight_decay = 0.0
     t.checkpoint_every = 1000
     t.log_every = 8
 
@@ -100,7 +105,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         dict(task="multiple_choice", data_file="{world}/facts_heldout.jsonl", scoring="cloze")
     )
     c.eval.tasks.facts_seen = ml_collections.ConfigDict(
-        dict(task="multiple_choice", data_file="{world}/facts_seen.jsonl", scoring="cloze")
+        dict(task="multiple_choice", data_file="{world}/facts_seen.jsonl", scoring="cloze", limit=300)
     )
     c.eval.tasks.style = ml_collections.ConfigDict(
         dict(data_file="{world}/style_heldout.jsonl", max_gen_toks=64 if tiny else 128)

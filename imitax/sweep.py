@@ -481,7 +481,7 @@ def provenance() -> dict[str, Any]:
         "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices)},
         "processes": jax.process_count(),
         "host": platform.node(),
-        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "time": _now(),
     }
 
 
@@ -593,21 +593,21 @@ def _evaluate(config, workdir: epath.Path, cell: Cell, model_path: epath.Path, o
     return {"metrics": metrics, "stderr": stderr, "n": counts}
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _new_record(cell: Cell, fingerprint: str, **fields) -> dict[str, Any]:
+    """A cell's ``cell.json``: what the cell is, then ``fields`` (status, timings, metrics or error)."""
+    record = {"id": cell.id, "fingerprint": fingerprint, **dataclasses.asdict(cell)}
+    return record | fields
+
+
 def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict[str, Any]:
     from imitax.train import loop
 
     cell_dir = _cell_dir(workdir, cell)
-    record: dict[str, Any] = {
-        "id": cell.id,
-        "model": cell.model,
-        "source": cell.source,
-        "budget": cell.budget,
-        "tokens": cell.tokens,
-        "seed": cell.seed,
-        "fingerprint": fingerprint,
-        "status": "running",
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    record = _new_record(cell, fingerprint, status="running", started=_now())
     previous = _read_json(cell_dir / CELL_FILE) or {}
     changed = previous.get("fingerprint") not in (None, fingerprint)
     if jax.process_index() == 0:
@@ -629,7 +629,7 @@ def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict
     record["eval_seconds"] = time.perf_counter() - start
     record["params"] = _count_params(epath.Path(model_path))
     record["status"] = "done"
-    record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    record["finished"] = _now()
     return record
 
 
@@ -717,18 +717,9 @@ def run(
             log(f"[{i}/{len(cells)}] {cell.id}: preempted (SIGTERM); rerun the same command to resume")
             return {"preempted": True, "cells": len(cells)}
         except Exception as e:  # noqa: BLE001 - a failed cell is recorded and the sweep goes on
-            record = {
-                "id": cell.id,
-                "model": cell.model,
-                "source": cell.source,
-                "budget": cell.budget,
-                "tokens": cell.tokens,
-                "seed": cell.seed,
-                "fingerprint": fingerprint,
-                "status": "failed",
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(),
-            }
+            record = _new_record(
+                cell, fingerprint, status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()
+            )
             if jax.process_index() == 0:
                 _write_json(cell_dir / CELL_FILE, record)
             failed.append(cell.id)
@@ -744,7 +735,8 @@ def run(
         done_seconds.append(seconds)
         left = sum(1 for c in cells[i:])
         eta = left * float(np.mean(done_seconds))
-        headline = ", ".join(f"{k} {v:.3f}" for k, v in list(record["metrics"].items())[:3])
+        shown = [m for m in _items(config.report.metrics) if m in record["metrics"]] or list(record["metrics"])
+        headline = ", ".join(f"{k} {_format(record['metrics'][k])}" for k in shown[:4])
         log(
             f"[{i}/{len(cells)}] {cell.id}: done in {seconds:.0f} s ({headline}); "
             f"elapsed {_clock(time.perf_counter() - start)}, ~{_clock(eta)} left"

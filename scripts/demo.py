@@ -6,7 +6,7 @@ it with ``scripts/convert.py``, generates text with imitax, exports it back to
 Hugging Face format and checks that transformers reproduces the same logits and
 the same greedy continuation. Nothing is downloaded.
 
-  python scripts/demo.py --workdir=out/demo
+  python scripts/demo.py --workdir=out/convert_demo
 """
 
 import os
@@ -16,7 +16,7 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("workdir", "out/demo", "Where the model directories go (replaced on each run).")
+flags.DEFINE_string("workdir", "out/convert_demo", "Where the model directories go (replaced on each run).")
 flags.DEFINE_integer("max_new_tokens", 24, "Tokens to generate per prompt.")
 FLAGS = flags.FLAGS
 

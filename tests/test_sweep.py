@@ -310,7 +310,7 @@ def test_a_workdir_of_another_sweep_is_refused(assets, tmp_path):
     config = load_config(write_config(tmp_path, assets))
     config.token_budgets = "0"
     sweep.run(config, tmp_path / "sweep", log=quiet)
-    config.train.optimizer.lr = 1e-2
+    config.train.optimizer.lr = 5e-3
     with pytest.raises(sweep.SweepError, match=r"different config \(differing fields: train\)"):
         sweep.run(config, tmp_path / "sweep", log=quiet)
     # Told otherwise: finished cells whose settings did not change are kept.
