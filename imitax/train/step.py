@@ -23,9 +23,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from imitax import sharding
 from imitax.models.transformer import project
 from imitax.sharding import constrain
 from imitax.train.state import TrainState
@@ -79,8 +81,9 @@ def chunked_cross_entropy(h_bte, w, w_axes: str, targets_bt, mask_bt, chunk_len:
     linear cross-entropy), so the backward pass only scales them: peak memory
     holds one chunk's logits instead of ``[batch, length, vocab]`` of them, and
     nothing is computed twice (``jax.checkpoint`` of each chunk would redo the
-    output projection, about 10% of GPT-2-124M's step). The results equal the
-    unchunked ones up to float32 summation order.
+    output projection: 10% more FLOPs for GPT-2-124M). The results equal the
+    unchunked ones up to float32 summation order; in bfloat16 compute, the
+    logits' gradient is rounded to bfloat16 before its two matmuls.
 
     Args:
       h_bte: final hidden states (compute dtype).
@@ -97,45 +100,65 @@ def chunked_cross_entropy(h_bte, w, w_axes: str, targets_bt, mask_bt, chunk_len:
     return _chunked_ce(h_bte, w, targets_bt, mask_bt, w_axes, chunk_len)
 
 
-def _chunks(x, n: int, c: int):
-    """``[b, t, ...]`` -> ``[n, b, c, ...]``, padding ``t`` with zeros to ``n * c``."""
+def _batch_shards(b: int) -> int:
+    """Over how many devices the current mesh splits a batch of ``b`` rows (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = sharding.logical_to_spec(("act_batch",), (b,), mesh)[0] or ()
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def _chunks(x, n: int, d: int, c: int):
+    """``[b, t, ...]`` -> ``[n, d, b / d, c, ...]``, padding ``t`` with zeros to ``n * c``."""
     b, t = x.shape[:2]
     x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+    x = jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+    return x.reshape(n, d, b // d, c, *x.shape[3:])
 
 
 def _ce_scan(h_bte, w, targets_bt, mask_bt, w_axes: str, c: int, with_grads: bool):
-    """The chunk loop: sums, and (``with_grads``) ``dloss_sum/dh`` and ``dloss_sum/dw``."""
+    """The chunk loop: sums, and (``with_grads``) ``dloss_sum/dh`` and ``dloss_sum/dw``.
+
+    Rows are grouped by the ``d`` devices the batch is split over (dimension letters
+    ``d``, then ``p`` rows per device) and every sum is carried per group: each device
+    adds up its own rows' share of ``dw`` and the single cross-device reduction comes
+    after the loop. (Carried whole, ``dw`` was all-reduced once per chunk.)
+    """
     b, t, e = h_bte.shape
-    n = -(-t // c)
+    n, d = -(-t // c), _batch_shards(b)
+    w_names = ("act_vocab", "act_embed") if w_axes == "ve" else ("act_embed", "act_vocab")
     # The output projection is gathered once here, not once per chunk inside the loop.
-    w_c = constrain(w.astype(h_bte.dtype), ("act_vocab", "act_embed") if w_axes == "ve" else ("act_embed", "act_vocab"))
+    w_c = constrain(w.astype(h_bte.dtype), w_names)
 
     def chunk(carry, xs):
-        loss_sum, correct, dw = carry
-        h_bce, targets_bc, mask_bc = xs
-        logits_bcv = project(h_bce, w_c, w_axes)
-        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-        onehot_bcv = jax.nn.one_hot(targets_bc, logits_bcv.shape[-1], dtype=jnp.float32)
-        target_logit_bc = jnp.sum(logits_bcv * onehot_bcv, axis=-1)
-        loss_sum += jnp.sum((lse_bc - target_logit_bc) * mask_bc)
-        correct += jnp.sum((jnp.argmax(logits_bcv, axis=-1) == targets_bc) * mask_bc)
+        loss_d, correct_d, dw = carry
+        h_dpce, targets_dpc, mask_dpc = xs
+        logits = jnp.einsum(f"dpce,{w_axes}->dpcv", h_dpce, w_c, preferred_element_type=jnp.float32)
+        logits_dpcv = constrain(logits, ("act_batch", None, "act_len", "act_vocab"))
+        lse_dpc = jax.nn.logsumexp(logits_dpcv, axis=-1)
+        onehot_dpcv = jax.nn.one_hot(targets_dpc, logits_dpcv.shape[-1], dtype=jnp.float32)
+        target_logit_dpc = jnp.sum(logits_dpcv * onehot_dpcv, axis=-1)
+        loss_d += jnp.sum((lse_dpc - target_logit_dpc) * mask_dpc, axis=(1, 2))
+        correct_d += jnp.sum((jnp.argmax(logits_dpcv, axis=-1) == targets_dpc) * mask_dpc, axis=(1, 2))
         if not with_grads:
-            return (loss_sum, correct, dw), None
-        dlogits_bcv = (jnp.exp(logits_bcv - lse_bc[..., None]) - onehot_bcv) * mask_bc[..., None]
-        dlogits_bcv = constrain(dlogits_bcv.astype(h_bce.dtype), ("act_batch", "act_len", "act_vocab"))
-        dh_bce = jnp.einsum(f"bcv,{w_axes}->bce", dlogits_bcv, w_c, preferred_element_type=jnp.float32)
-        dw += jnp.einsum(f"bce,bcv->{w_axes}", h_bce, dlogits_bcv, preferred_element_type=jnp.float32)
-        return (loss_sum, correct, dw), dh_bce.astype(h_bce.dtype)
+            return (loss_d, correct_d, dw), None
+        dlogits = (jnp.exp(logits_dpcv - lse_dpc[..., None]) - onehot_dpcv) * mask_dpc[..., None]
+        dlogits_dpcv = constrain(dlogits.astype(h_dpce.dtype), ("act_batch", None, "act_len", "act_vocab"))
+        dh_dpce = jnp.einsum(f"dpcv,{w_axes}->dpce", dlogits_dpcv, w_c, preferred_element_type=jnp.float32)
+        dw_d = jnp.einsum(f"dpce,dpcv->d{w_axes}", h_dpce, dlogits_dpcv, preferred_element_type=jnp.float32)
+        dw = constrain(dw + dw_d, ("act_batch", *w_names))
+        return (loss_d, correct_d, dw), dh_dpce.astype(h_dpce.dtype)
 
-    zero = jnp.zeros((), jnp.float32)
-    dw0 = jnp.zeros(w.shape, jnp.float32) if with_grads else None
-    xs = (_chunks(h_bte, n, c), _chunks(targets_bt, n, c), _chunks(mask_bt, n, c))
-    (loss_sum, correct, dw), dh_nbce = jax.lax.scan(chunk, (zero, zero, dw0), xs)
+    zeros_d = constrain(jnp.zeros((d,), jnp.float32), ("act_batch",))
+    dw0 = constrain(jnp.zeros((d, *w.shape), jnp.float32), ("act_batch", *w_names)) if with_grads else None
+    xs = tuple(_chunks(x, n, d, c) for x in (h_bte, targets_bt, mask_bt))
+    (loss_d, correct_d, dw), dh = jax.lax.scan(chunk, (zeros_d, zeros_d, dw0), xs)
+    loss_sum, correct = jnp.sum(loss_d), jnp.sum(correct_d)
     if not with_grads:
         return loss_sum, correct, None, None
-    dh_bte = jnp.moveaxis(dh_nbce, 0, 1).reshape(b, n * c, e)[:, :t]
-    return loss_sum, correct, dh_bte, dw.astype(w.dtype)
+    dh_bte = jnp.moveaxis(dh.reshape(n, b, c, e), 0, 1).reshape(b, n * c, e)[:, :t]
+    return loss_sum, correct, dh_bte, jnp.sum(dw, axis=0).astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
