@@ -80,9 +80,7 @@ def test_indivisible_dimension_stays_replicated():
     # 250 is not divisible by tensor=4: the vocab dim stays whole, the embed dim is still split.
     spec = sharding.logical_to_spec(("vocab", "embed"), (250, 64), mesh)
     assert spec == jax.sharding.PartitionSpec(None, "fsdp")
-    assert sharding.logical_to_spec(("vocab", "embed"), (256, 64), mesh) == jax.sharding.PartitionSpec(
-        "tensor", "fsdp"
-    )
+    assert sharding.logical_to_spec(("vocab", "embed"), (256, 64), mesh) == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
 @pytest.mark.parametrize(
