@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.util
 import io
@@ -552,9 +553,12 @@ class _Preempted(Exception):
     """The trainer saved and stopped on SIGTERM: the sweep stops too (a rerun resumes)."""
 
 
-def _count_params(path: epath.Path) -> int:
+@functools.lru_cache
+def _count_params(model_path: str) -> int:
+    """Parameters of the model at ``model_path`` (read once per base model: finetuning keeps the shapes)."""
     from imitax import convert, models
 
+    path = epath.Path(model_path)
     kind = _model_kind(path)
     if kind == "hf":
         cfg = models.config_from_hf(json.loads((path / "config.json").read_text()))
@@ -566,7 +570,7 @@ def _count_params(path: epath.Path) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
 
 
-def _evaluate(config, workdir: epath.Path, cell: Cell, model_path: epath.Path, out: epath.Path) -> dict[str, Any]:
+def _evaluate(config, cell: Cell, model_path: epath.Path, out: epath.Path) -> dict[str, Any]:
     """Evaluates the model at ``model_path`` on every task; returns metrics, stderrs and counts."""
     from imitax import sharding
     from imitax.eval import evaluator
@@ -625,9 +629,9 @@ def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict
         record["train"] = {"seconds": time.perf_counter() - start, **result}
         model_path = cell_dir / "train"
     start = time.perf_counter()
-    record.update(_evaluate(config, workdir, cell, model_path, cell_dir / "eval"))
+    record.update(_evaluate(config, cell, model_path, cell_dir / "eval"))
     record["eval_seconds"] = time.perf_counter() - start
-    record["params"] = _count_params(epath.Path(model_path))
+    record["params"] = _count_params(str(_base_path(config, workdir, cell.model)))
     record["status"] = "done"
     record["finished"] = _now()
     return record

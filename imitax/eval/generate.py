@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 
 from imitax import sharding
 from imitax.models import Transformer
+from imitax.models.transformer import constrain_cache
 
 __all__ = ["generate", "sample_logits", "top_k_filter", "top_p_filter"]
 
@@ -92,25 +93,14 @@ def _next_token(key, logits_bv, sampling, greedy: bool) -> jax.Array:
 # -- the two compiled programs -----------------------------------------------------------
 
 
-def _constrain_cache(cache):
-    kv = ("layers", "act_batch", None, "act_kv_heads", None)
-    return {
-        **cache,
-        "k": sharding.constrain(cache["k"], kv),
-        "v": sharding.constrain(cache["v"], kv),
-        "segment_ids": sharding.constrain(cache["segment_ids"], ("act_batch", None)),
-        "positions": sharding.constrain(cache["positions"], ("act_batch", None)),
-    }
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, *, cache_len):
     """Runs the (left-padded) prompts into a fresh cache; returns the last slot's logits and the cache."""
     model = nnx.merge(graphdef, state)
-    cache = _constrain_cache(model.init_cache(tokens_bt.shape[0], cache_len))
+    cache = constrain_cache(model.init_cache(tokens_bt.shape[0], cache_len))
     h_bte, cache = model.hidden(tokens_bt, positions_bt, segment_ids_bt, cache)
     # Only the last slot's logits are needed: never project the whole prompt onto the vocabulary.
-    return model.logits(h_bte[:, -1:])[:, 0], _constrain_cache(cache)
+    return model.logits(h_bte[:, -1:])[:, 0], constrain_cache(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_out", "greedy"))
@@ -156,7 +146,7 @@ def _decode(
         token_b = jnp.where(done_b, pad_id, token_b)
         out_bn = jax.lax.dynamic_update_slice(out_bn, token_b[:, None], (0, step))
         done_b = done_b | jnp.isin(token_b, eos_ids)
-        return step + 1, token_b, _constrain_cache(cache), positions_b + 1, done_b, out_bn
+        return step + 1, token_b, constrain_cache(cache), positions_b + 1, done_b, out_bn
 
     carry = (jnp.int32(1), first_b, cache, positions_b, done_b, out_bn)
     steps, *_, out_bn = jax.lax.while_loop(cond, body, carry)

@@ -59,6 +59,7 @@ from jax.experimental import multihost_utils
 
 from imitax import sharding
 from imitax.models import Transformer
+from imitax.models.transformer import constrain_cache
 
 __all__ = [
     "Scorer",
@@ -249,17 +250,6 @@ def _scores(model: Transformer, h_bwe, targets_bw, cands_bk):
     return target_bw, greedy_bw, cands_bk
 
 
-def _constrain_cache(cache):
-    kv = ("layers", "act_batch", None, "act_kv_heads", None)
-    return {
-        **cache,
-        "k": sharding.constrain(cache["k"], kv),
-        "v": sharding.constrain(cache["v"], kv),
-        "segment_ids": sharding.constrain(cache["segment_ids"], ("act_batch", None)),
-        "positions": sharding.constrain(cache["positions"], ("act_batch", None)),
-    }
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "window"))
 def _score_plain(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, targets_bw, cands_bk, *, window):
     """Scores the last ``window`` positions of left-padded rows (no cache)."""
@@ -292,7 +282,7 @@ def _score_suffix(
         # The suffix goes right after the real prefix tokens, over the prefix's padding.
         "index": prefix_len,
     }
-    h_bte, _ = model.hidden(tokens_bt, positions_bt, segment_ids_bt, _constrain_cache(cache))
+    h_bte, _ = model.hidden(tokens_bt, positions_bt, segment_ids_bt, constrain_cache(cache))
     return _scores(model, h_bte[:, -window:], targets_bw, cands_bk)
 
 

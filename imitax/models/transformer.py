@@ -21,6 +21,20 @@ from imitax.models.layers import MLP, Attention, Norm, _param
 from imitax.sharding import constrain
 
 Cache = dict[str, Any]
+
+
+def constrain_cache(cache: Cache) -> Cache:
+    """Pins a KV cache (:meth:`Transformer.init_cache`'s layout) to its logical sharding inside jit."""
+    kv = ("layers", "act_batch", None, "act_kv_heads", None)
+    return {
+        **cache,
+        "k": constrain(cache["k"], kv),
+        "v": constrain(cache["v"], kv),
+        "segment_ids": constrain(cache["segment_ids"], ("act_batch", None)),
+        "positions": constrain(cache["positions"], ("act_batch", None)),
+    }
+
+
 _NO_WINDOW = 2**30
 
 _REMAT = {
