@@ -125,6 +125,39 @@ class TransformerConfig:
         flags = self.sliding_layers or (True,) * self.num_layers
         return tuple(self.sliding_window if f else None for f in flags)
 
+    def check_length(self, length: int, *, what: str = "sequence length", fix: str = "") -> None:
+        """Refuses (or warns about) ``length`` positions beyond what the model was trained for.
+
+        A learned-position model (GPT-2) has an embedding row per position: position
+        ``max_position_embeddings`` and beyond have none (``jnp.take`` would read NaN), so a
+        longer ``length`` raises. A RoPE model can be run past its trained length, as
+        transformers allows, with a warning: quality usually degrades there.
+
+        Args:
+          length: the number of positions a row will hold (prompt plus generated tokens).
+          what: how the caller names ``length`` in the message (``'seq_len'``, ...).
+          fix: what the user should change (``'--config.seq_len'``, ...).
+
+        Raises:
+          ValueError: ``length`` exceeds a learned-position model's table.
+        """
+        limit = self.max_position_embeddings
+        if length <= limit:
+            return
+        change = f"; set {fix} to at most {limit}" if fix else ""
+        if self.position == "learned":
+            raise ValueError(
+                f"{what} {length} is longer than the {limit} learned positions of this {self.model_type} "
+                f"model (positions {limit}.. have no embedding){change}"
+            )
+        import warnings
+
+        warnings.warn(
+            f"{what} {length} is longer than this {self.model_type} model's max_position_embeddings "
+            f"({limit}); RoPE runs there, but the model was not trained at that length{change}",
+            stacklevel=2,
+        )
+
     def num_params(self) -> int:
         """Parameter count computed from the shapes (matches the published counts)."""
         e, h, k, d, m = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
