@@ -1,5 +1,7 @@
 r"""The study in miniature, on a synthetic world, in minutes on a laptop CPU (the README's main command).
 
+The argument after the colon, ``tiny``, shrinks it to the test suite's size.
+
   python scripts/sweep.py --config=configs/demo.py --workdir=out/demo
   python scripts/sweep.py --config=configs/demo.py:tiny --workdir=/tmp/demo     # the test suite's size
 
@@ -24,6 +26,7 @@ import ml_collections
 
 from imitax import sweep
 from imitax.demo import world
+from imitax.train import config as train_config
 
 # name -> (hidden, layers, heads, mlp, pretraining steps): the same 200 steps of 16 x 128 tokens
 # (about 8 passes over the corpus) for every size, so the larger models memorize more of it.
@@ -51,15 +54,14 @@ def _llama(hidden: int, layers: int, heads: int, mlp: int, vocab: int) -> ml_col
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    options = dict(item.split("=", 1) if "=" in item else (item, "1") for item in arg.split(",") if item)
-    tiny = "tiny" in options
+    tiny = "tiny" in train_config.parse_arg(arg, {"tiny": None}, "configs/demo.py")
     c = sweep.default_config()
     c.name = "demo-tiny" if tiny else "demo"
     c.world = ml_collections.ConfigDict(dataclasses.asdict(world.tiny() if tiny else world.WorldConfig()))
     vocab = c.world.vocab_size
 
     for name, (hidden, layers, heads, mlp, steps) in (TINY_SIZES if tiny else SIZES).items():
-        pre = sweep.load_trainer_config()
+        pre = train_config.default_config()
         pre.model = "llama-7b"  # the architecture; every width below is overridden
         pre.model_overrides.update(_llama(hidden, layers, heads, mlp, vocab))
         pre.tokenizer = "{world}/tokenizer"

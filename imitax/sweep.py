@@ -1,7 +1,7 @@
 r"""Data-scaling sweeps: base models x imitation-data sources x token budgets x seeds.
 
-A sweep config (``configs/sweeps/*.py``, ``configs/paper/*.py``, ``configs/demo.py``; start from
-:func:`default_config`) names the base models, the imitation-data sources, the token budgets,
+A sweep config (``configs/paper/sweep.py``, ``configs/demo.py``; start from :func:`default_config`)
+names the base models, the imitation-data sources, the token budgets,
 the seeds, the trainer's settings (``train``: the ``configs/finetune.py`` config every cell
 starts from) and the evaluation tasks. Each cell finetunes one base model on one source's first
 ``budget`` tokens (the trainer's nested budgets: a smaller budget is a subset of a larger one)
@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -53,12 +52,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from imitax import convert
+from imitax.train import config as train_config
+
 __all__ = [
     "Cell",
     "SweepError",
     "default_config",
     "expand",
-    "load_trainer_config",
     "report",
     "run",
     "validate",
@@ -68,6 +69,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Top-level config fields that do not change what any cell computes (a rerun may change them).
 UNGUARDED_FIELDS = ("report", "teacher", "teacher_file", "compilation_cache")
 CELL_FILE = "cell.json"
+BASE_MODEL_FIELDS = ("init_from", "pretrain", "size", "train")
 
 
 class SweepError(ValueError):
@@ -75,17 +77,6 @@ class SweepError(ValueError):
 
 
 # -- config ------------------------------------------------------------------------------------------
-
-
-def load_trainer_config(arg: str = "") -> ml_collections.ConfigDict:
-    """``configs/finetune.py``'s ``get_config(arg)``: the trainer config every cell starts from."""
-    path = REPO_ROOT / "configs" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("imitax_configs_finetune", path)
-    if spec is None or not path.is_file():
-        raise SweepError(f"{path} not found: sweeps run from a checkout of the imitax repository")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -97,14 +88,15 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "sweep"
     # name -> ConfigDict(init_from=PATH) or ConfigDict(pretrain=<trainer config>); optional
-    # `size` (parameters, for the size axis; default: counted from the model's config).
+    # `size` (parameters, for the size axis; default: counted from the model's config) and
+    # `train` (trainer fields this model's cells change, e.g. seq_len=1024 for GPT-2).
     c.base_models = ml_collections.ConfigDict()
     # name -> ConfigDict(train=PATHS, format='auto', template='koala'): the trainer's data fields;
     # optional token_budgets (this source's own list, replacing the sweep's).
     c.data_sources = ml_collections.ConfigDict()
     c.token_budgets = "0"  # '0' = the base model itself
     c.seeds = "0"
-    c.train = load_trainer_config()
+    c.train = train_config.default_config()
     c.train.progress = False  # the sweep prints one progress line per cell instead
     c.eval = ml_collections.ConfigDict()
     # alias -> ConfigDict(task=REGISTRY NAME (default: the alias), **the task's keyword config).
@@ -118,7 +110,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.report = ml_collections.ConfigDict()
     c.report.metrics = ""  # 'alias/metric,...' to plot; '' = each task's headline metrics
     c.report.style_task = "style"  # the alias whose metrics go in the style figure
-    c.compilation_cache = True  # persistent cache in WORKDIR/jax_cache, shared by every cell
+    # scripts/sweep.py keeps a persistent compilation cache in WORKDIR/jax_cache for every cell
+    # (process set-up: library callers set their own with imitax.distributed.use_compilation_cache).
+    c.compilation_cache = True
     c.world = ml_collections.ConfigDict()  # the demo's synthetic world (imitax.demo.world); empty = none
     return c
 
@@ -221,14 +215,6 @@ def _resolved(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_coll
         return _substitute(config, names)
 
 
-def _model_kind(path: epath.Path) -> str | None:
-    if (path / "config.json").exists():
-        return "hf"
-    if (path / "params").is_dir() or (path / "checkpoints").is_dir():
-        return "imitax"
-    return None
-
-
 # -- validation ---------------------------------------------------------------------------------------
 
 
@@ -265,15 +251,17 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
 
     Paths may use ``{workdir}`` and ``{world}`` (the demo's generated data, built before this
     check). Checked: every base model (its path's kind, or its pretraining config and data),
-    every data source (files exist, format and template known), budgets and seeds, the trainer
-    overrides (every key known; each budget holds at least one batch), every evaluation task
-    (registered name, accepted keywords, data files present), the teacher's metric names.
+    every data source (files exist, format and template known), budgets and seeds, every cell's
+    trainer config through the trainer's own check (fields, row length against the base
+    model's positions, batch against the mesh), each budget against the tokens its source
+    holds (counted once per source and tokenizer, through the token cache the cells reuse),
+    every evaluation task (registered name, accepted keywords, data files present), the
+    teacher's metric names.
 
     Raises:
       SweepError: naming the first field that is wrong and what to do.
     """
-    from imitax import models
-    from imitax.data import templates
+    from imitax.data import formats, templates
     from imitax.eval import evaluator
 
     workdir = epath.Path(workdir)
@@ -281,35 +269,29 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
     config = _resolved(config, workdir)
     if not config.base_models:
         raise SweepError("base_models: empty; name at least one, e.g. --config.base_models.NAME.init_from=PATH")
-    trainer_defaults = load_trainer_config()
+    trainer_defaults = train_config.default_config()
+    architectures = {}  # base model -> its TransformerConfig (read without weights)
     for name, spec in config.base_models.items():
         where = f"base_models.{name}"
         if not isinstance(spec, ml_collections.ConfigDict):
             raise SweepError(f"{where}: expected a ConfigDict with init_from=PATH or pretrain=<trainer config>")
-        unknown = set(spec.keys()) - {"init_from", "pretrain", "size"}
+        unknown = set(spec.keys()) - set(BASE_MODEL_FIELDS)
         if unknown:
-            raise SweepError(f"{where}: unknown fields {sorted(unknown)} (known: init_from, pretrain, size)")
+            raise SweepError(f"{where}: unknown fields {sorted(unknown)} (known: {', '.join(BASE_MODEL_FIELDS)})")
         if bool(spec.get("init_from")) == bool(spec.get("pretrain")):
             raise SweepError(f"{where}: set exactly one of init_from (a model path) and pretrain (a trainer config)")
+        if spec.get("train"):
+            _check_keys(spec.train, trainer_defaults, f"{where}.train")
         if spec.get("init_from"):
-            path = epath.Path(spec.init_from)
-            if not path.exists():
-                raise SweepError(f"{where}.init_from: {path} does not exist")
-            if _model_kind(path) is None:
-                raise SweepError(
-                    f"{where}.init_from: {path} is neither a Hugging Face model directory (config.json), an "
-                    "imitax checkpoint (params/, model_config/) nor a training workdir (checkpoints/)"
-                )
+            try:
+                architectures[name] = convert.model_config(spec.init_from, where=f"{where}.init_from")
+            except (ValueError, FileNotFoundError) as e:
+                raise SweepError(str(e)) from None
         else:
             pre = spec.pretrain
             _check_keys(pre, trainer_defaults, f"{where}.pretrain")
-            if not pre.get("init_from") and pre.get("model") not in models.PRESETS:
-                raise SweepError(f"{where}.pretrain.model: unknown preset {pre.get('model')!r}")
-            if not pre.data.train:
-                raise SweepError(f"{where}.pretrain.data.train: empty; name the pretraining corpus")
             _check_files(pre.data.train, f"{where}.pretrain.data.train")
-            if pre.get("total_steps", -1) == 0:
-                raise SweepError(f"{where}.pretrain.total_steps: 0 steps would train nothing")
+            architectures[name] = _check_trainer(pre, f"{where}.pretrain")
     for name, spec in config.data_sources.items():
         where = f"data_sources.{name}"
         if not isinstance(spec, ml_collections.ConfigDict) or not spec.get("train"):
@@ -320,8 +302,6 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
                 f"{where}: unknown fields {sorted(set(spec.keys()) - known)} (known: {', '.join(sorted(known))})"
             )
         _check_files(spec.train, f"{where}.train")
-        from imitax.data import formats
-
         fmt = spec.get("format", "auto")
         if fmt != "auto" and fmt not in formats.FORMATS:
             raise SweepError(f"{where}.format: unknown format {fmt!r} (known: auto, {', '.join(formats.FORMATS)})")
@@ -335,19 +315,26 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
         raise SweepError("data_sources: empty, but token_budgets asks for finetuning")
     if not _items(config.seeds):
         raise SweepError("seeds: empty; give at least one, e.g. --config.seeds=0")
-    for where, train in [("train", config.train)] + [
-        (f"base_models.{n}.pretrain", s.pretrain) for n, s in config.base_models.items() if s.get("pretrain")
-    ]:
-        _check_batch(train, where)
-    batch_tokens = config.train.batch_size * config.train.seq_len
-    for cell in cells:
-        if cell.source is not None and cell.tokens < batch_tokens:
-            raise SweepError(
-                f"token_budgets: {cell.budget} is less than one training batch (train.batch_size "
-                f"{config.train.batch_size} x train.seq_len {config.train.seq_len} = {batch_tokens} tokens)"
-            )
     if config.train.init_from:
         raise SweepError("train.init_from: set by the sweep for each cell (from base_models); leave it empty")
+    checked = set()
+    for cell in cells:
+        if cell.source is None or (cell.model, cell.source) in checked:
+            continue
+        checked.add((cell.model, cell.source))
+        train = _cell_train_config(config, workdir, cell)
+        where = (
+            f"train (with base_models.{cell.model}.train)" if config.base_models[cell.model].get("train") else "train"
+        )
+        _check_trainer(train, where, architectures[cell.model])
+        batch_tokens = train.batch_size * train.seq_len
+        small = [c for c in cells if (c.model, c.source) == (cell.model, cell.source) and c.tokens < batch_tokens]
+        if small:
+            raise SweepError(
+                f"token_budgets: {small[0].budget} is less than one training batch ({where}.batch_size "
+                f"{train.batch_size} x {where}.seq_len {train.seq_len} = {batch_tokens} tokens)"
+            )
+    _check_budgets_fit(config, workdir, cells)
     if not config.eval.tasks:
         raise SweepError("eval.tasks: empty; name at least one task, e.g. --config.eval.tasks.mmlu.data_dir=DIR")
     for alias, spec in config.eval.tasks.items():
@@ -360,6 +347,80 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
         if key.split("/")[0] not in config.eval.tasks:
             raise SweepError(f"teacher: {key!r} names no evaluation task (tasks: {', '.join(config.eval.tasks)})")
     return cells
+
+
+def _check_trainer(train: ml_collections.ConfigDict, where: str, model=None):
+    """The trainer's own check of ``train`` (and the batch against the mesh); returns the architecture."""
+    try:
+        cfg = train_config.check(train, where=where, model=model)
+    except train_config.ConfigError as e:
+        raise SweepError(str(e)) from None
+    except FileNotFoundError as e:
+        raise SweepError(str(e)) from None
+    _check_batch(train, where)
+    return cfg
+
+
+def _base_tokenizer(config, name: str) -> epath.Path:
+    """The tokenizer directory a base model's cells use (the trainer's rule: see ``loop.tokenizer_dir``)."""
+    from imitax.train import loop
+
+    spec = config.base_models[name]
+    if spec.get("pretrain"):
+        train = spec.pretrain
+    else:
+        train = ml_collections.ConfigDict({"tokenizer": config.train.tokenizer, "init_from": spec.init_from})
+    try:
+        return loop.tokenizer_dir(train)
+    except loop.TrainingError as e:
+        raise SweepError(f"base_models.{name}: {e}") from None
+
+
+def _check_budgets_fit(config, workdir: epath.Path, cells: Sequence[Cell]) -> None:
+    """Each source holds at least its largest budget, counted with each base model's tokenizer.
+
+    The count is the token cache's (every token of every example, as the budgets count them), so
+    the cells that follow reopen the same cache instead of tokenizing again.
+    """
+    import transformers
+
+    from imitax.data import build_token_cache
+
+    largest: dict[tuple[str, str], Cell] = {}
+    for cell in cells:
+        key = (cell.model, cell.source)
+        if cell.source is not None and (key not in largest or cell.tokens > largest[key].tokens):
+            largest[key] = cell
+    counts: dict[tuple[str, str], int] = {}  # (tokenizer dir, source) -> tokens
+    for (model, source), cell in largest.items():
+        tok_dir = _base_tokenizer(config, model)
+        if (str(tok_dir), source) not in counts:
+            train = _cell_train_config(config, workdir, cell)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+            try:
+                cache = build_token_cache(
+                    [s for s in train.data.train.split(",") if s],
+                    tokenizer,
+                    format=train.data.format,
+                    template=train.data.template,
+                    skip_invalid=train.data.skip_invalid,
+                    cache_dir=train.data.cache_dir,
+                    progress=False,
+                )
+            except (ValueError, FileNotFoundError) as e:
+                raise SweepError(f"data_sources.{source}: {e}") from None
+            counts[(str(tok_dir), source)] = cache.num_tokens
+        held = counts[(str(tok_dir), source)]
+        if cell.tokens > held:
+            field = (
+                f"data_sources.{source}.token_budgets"
+                if config.data_sources[source].get("token_budgets")
+                else "token_budgets"
+            )
+            raise SweepError(
+                f"{field}: {cell.budget} is more than data_sources.{source} holds ({held:,} tokens with "
+                f"base model {model}'s tokenizer in {tok_dir}); lower the budget to at most {held:,} or add data"
+            )
 
 
 def _check_batch(train: ml_collections.ConfigDict, where: str) -> None:
@@ -501,6 +562,9 @@ def _base_path(config, workdir: epath.Path, model: str) -> epath.Path:
 def _cell_train_config(config, workdir: epath.Path, cell: Cell) -> ml_collections.ConfigDict:
     source = config.data_sources[cell.source]
     train = ml_collections.ConfigDict(config.train.to_dict())
+    overrides = config.base_models[cell.model].get("train")
+    if overrides:
+        train.update(overrides.to_dict())
     train.init_from = str(_base_path(config, workdir, cell.model))
     train.data.train = source.train
     train.data.format = source.get("format", "auto")
@@ -556,18 +620,7 @@ class _Preempted(Exception):
 @functools.lru_cache
 def _count_params(model_path: str) -> int:
     """Parameters of the model at ``model_path`` (read once per base model: finetuning keeps the shapes)."""
-    from imitax import convert, models
-
-    path = epath.Path(model_path)
-    kind = _model_kind(path)
-    if kind == "hf":
-        cfg = models.config_from_hf(json.loads((path / "config.json").read_text()))
-    else:
-        cfg = convert.load_config(path)
-    abstract = models.abstract_model(cfg)
-    from flax import nnx
-
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+    return convert.model_config(model_path).num_params()
 
 
 def _evaluate(config, cell: Cell, model_path: epath.Path, out: epath.Path) -> dict[str, Any]:
@@ -637,18 +690,6 @@ def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict
     return record
 
 
-def _set_compilation_cache(workdir: epath.Path) -> None:
-    """One persistent compilation cache for every cell, unless the user (or the environment) set one."""
-    if jax.config.jax_compilation_cache_dir:
-        return
-    from jax.experimental.compilation_cache import compilation_cache
-
-    jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
-    # Every program: cells of one model repeat the same train step and scoring programs.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()  # the cache is set up once per process: make it see the dir
-
-
 def _build_world(config, workdir: epath.Path, log) -> None:
     from imitax.demo import world
 
@@ -689,8 +730,6 @@ def run(
     workdir = epath.Path(workdir).resolve() if not str(workdir).startswith("gs://") else epath.Path(workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-    if config.compilation_cache:
-        _set_compilation_cache(workdir)
     _check_keys(config, default_config(), "config")
     _check_workdir(config, workdir, allow_config_change)
     if config.world:

@@ -2,8 +2,8 @@ r"""Data-scaling sweeps: finetune every base model on every imitation source at 
 evaluate each cell, and draw the study's figures. Rerunning the same command resumes.
 
   python scripts/sweep.py --config=configs/demo.py --workdir=out/demo
-  python scripts/sweep.py --config=configs/paper/sweep.py:model=llama-7b --workdir=gs://bucket/sweep \
-      --config.base_models.llama-7b.init_from=/weights/llama-7b --config.token_budgets=0,300K,1M
+  python scripts/sweep.py --config=configs/paper/sweep.py:models=llama_7b --workdir=gs://bucket/sweep \
+      --config.base_models.llama_7b.init_from=/weights/llama-7b --config.token_budgets=0,300K,1M ...
   python scripts/sweep.py --report_only --workdir=out/demo      # redraw the table and plots
 """
 
@@ -50,7 +50,9 @@ def main(argv):
             return
         if FLAGS.config is None:
             raise sweep.SweepError("--config is required (e.g. --config=configs/demo.py), unless --report_only")
-        distributed.initialize(FLAGS.config.train.distributed)
+        distributed.initialize(FLAGS.config.train.distributed)  # several processes: one per host
+        if FLAGS.config.compilation_cache:  # one cache for every cell, and for a rerun
+            distributed.use_compilation_cache(f"{FLAGS.workdir.rstrip('/')}/jax_cache")
         summary = sweep.run(
             FLAGS.config,
             FLAGS.workdir,
@@ -65,4 +67,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from imitax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

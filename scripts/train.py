@@ -24,11 +24,13 @@ class _QuietLibraries:
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from imitax import distributed
     from imitax.convert import ConversionError
     from imitax.data import DataError
-    from imitax.train.loop import TrainingError, run
+    from imitax.train import TrainingError, run
 
     try:
+        distributed.initialize(FLAGS.config.distributed)  # several processes: one per host
         result = run(FLAGS.config, FLAGS.workdir)
     except (TrainingError, ConversionError, DataError, ValueError, FileNotFoundError) as e:
         logging.error("%s", e)
@@ -37,4 +39,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from imitax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

@@ -16,6 +16,7 @@ from imitax.convert.checkpoint import (
 )
 from imitax.convert.core import ConversionError, params_from_hf, params_to_hf
 from imitax.convert.hf import DTYPES, SafetensorsReader, convert_hf_to_checkpoint, export_hf, load_hf, read_hf_config
+from imitax.convert.paths import model_config, model_kind, require_model_kind
 
 __all__ = [
     "DTYPES",
@@ -27,9 +28,12 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_hf",
+    "model_config",
+    "model_kind",
     "params_from_hf",
     "params_to_hf",
     "read_hf_config",
+    "require_model_kind",
     "resolve",
     "save_checkpoint",
     "tokenizer_dir",

@@ -24,9 +24,10 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from imitax import convert, distributed, models, sharding
+from imitax import convert, models, sharding
 from imitax.data import DataConfig, PackedBatches, build_datasets
 from imitax.train import checkpointing, metrics, optim
+from imitax.train import config as train_config
 from imitax.train import state as train_state
 from imitax.train import step as train_step
 
@@ -49,12 +50,20 @@ class TrainingError(RuntimeError):
     """The run cannot go on (bad input or a diverged loss); the message says why."""
 
 
+RUN_CONFIG = "run_config.json"
+
+
 # -- set-up helpers ---------------------------------------------------------------------------------
 
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """Refuses a workdir that holds a run of a different config (unless told otherwise)."""
-    saved_path = workdir / "run_config.json"
+    """Refuses a workdir that holds a run of a different config (unless told otherwise).
+
+    The run's config is recorded (:func:`_record_config`) only once its first step has trained,
+    so a run that fails during set-up (bad data, a bad option) leaves nothing that would refuse
+    the corrected command.
+    """
+    saved_path = workdir / RUN_CONFIG
     current = json.loads(config.to_json())
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
@@ -75,37 +84,44 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
             )
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / "run_config.json.tmp"
-        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-        tmp.replace(saved_path)  # epath's rename() refuses an existing target; a rerun has one
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """Writes ``run_config.json`` atomically (a rerun's check compares against it)."""
+    if jax.process_index() == 0:
+        tmp = workdir / f"{RUN_CONFIG}.tmp"
+        tmp.write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
+        tmp.replace(workdir / RUN_CONFIG)  # epath's rename() refuses an existing target; a rerun has one
 
 
 def _resolve_init(init_from: str) -> tuple[str, epath.Path]:
     """``('hf'|'imitax', path)`` for an HF directory, an imitax checkpoint or a training workdir."""
-    path = epath.Path(init_from)
-    if (path / "checkpoints").is_dir() or (path / "params").is_dir():
-        return "imitax", convert.resolve(path)
-    if (path / "config.json").exists():
-        return "hf", path
-    raise TrainingError(
-        f"init_from={init_from} is neither a Hugging Face model directory (config.json + safetensors), "
-        "an imitax checkpoint (params/ + model_config/) nor a training workdir (checkpoints/)"
-    )
+    try:
+        kind = convert.require_model_kind(init_from, where="init_from")
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from None
+    return ("hf", epath.Path(init_from)) if kind == "hf" else ("imitax", convert.resolve(init_from))
 
 
-def _tokenizer_source(config, kind: str | None, init_path: epath.Path | None) -> epath.Path:
+def tokenizer_dir(config: ml_collections.ConfigDict) -> epath.Path:
+    """The tokenizer a run uses: ``config.tokenizer``, else the one that comes with ``init_from``.
+
+    Raises:
+      TrainingError: neither names a tokenizer.
+    """
     if config.tokenizer:
         return epath.Path(config.tokenizer)
-    if kind == "hf":
-        return init_path
-    if kind == "imitax":
-        for candidate in (init_path / "tokenizer", init_path.parent.parent / "tokenizer"):
-            if candidate.is_dir():
-                return candidate
+    if config.init_from:
+        kind, path = _resolve_init(config.init_from)
+        if kind == "hf":
+            return path
+        found = convert.tokenizer_dir(path)
+        if found is not None:
+            return found
     raise TrainingError("no tokenizer: set --config.tokenizer=DIR (a Hugging Face tokenizer directory)")
 
 
-def _load_model(config, mesh) -> tuple[models.Transformer, str | None, epath.Path | None]:
+def _load_model(config, mesh) -> models.Transformer:
     options = dict(dtype=config.dtype, remat=config.remat, scan_layers=config.scan_layers)
     # One rate at the three places the study's code (EasyLM) and GPT-2 put dropout; it replaces
     # whatever a Hugging Face config.json says (GPT-2's 0.1 were its pretraining settings).
@@ -113,7 +129,7 @@ def _load_model(config, mesh) -> tuple[models.Transformer, str | None, epath.Pat
     if not config.init_from:
         overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
         cfg = models.preset(config.model, param_dtype=config.param_dtype, **options, **overrides)
-        return models.init_model(cfg, mesh=mesh, seed=config.seed), None, None
+        return models.init_model(cfg, mesh=mesh, seed=config.seed)
     kind, path = _resolve_init(config.init_from)
     if kind == "hf":
         model = convert.load_hf(path, mesh=mesh, dtype=config.param_dtype)
@@ -121,7 +137,7 @@ def _load_model(config, mesh) -> tuple[models.Transformer, str | None, epath.Pat
         model = convert.load_checkpoint(path, mesh=mesh, dtype=config.param_dtype)
     # Run-time options only: the graph (and the parameters) stay as loaded.
     model.cfg = model.cfg.replace(**options)
-    return model, kind, path
+    return model
 
 
 def _data_config(config, workdir: epath.Path) -> DataConfig:
@@ -173,36 +189,42 @@ class _Preemption:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains as ``config`` says, in ``workdir``; returns the final metrics.
 
+    Process set-up (``jax.distributed.initialize`` on several hosts, a compilation cache) is the
+    caller's: ``scripts/train.py`` does it (see :mod:`imitax.distributed`).
+
     Raises:
       TrainingError: bad input, a workdir of another run, or a non-finite loss.
     """
-    distributed.initialize(config.distributed)
+    try:
+        arch = train_config.check(config)  # the architecture, read without loading weights
+    except (train_config.ConfigError, ValueError, FileNotFoundError) as e:
+        raise TrainingError(str(e)) from None
     workdir_path = epath.Path(workdir)
     _check_workdir(config, workdir_path)
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
-    # Model, tokenizer, data.
-    with jax.set_mesh(mesh):
-        model, kind, init_path = _load_model(config, mesh)
-    cfg = model.cfg
+    # Tokenizer and data first (bad data fails before any weights load), then the model.
     import transformers
 
-    tok_dir = _tokenizer_source(config, kind, init_path)
+    tok_dir = tokenizer_dir(config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-    if len(tokenizer) > cfg.vocab_size:
+    if len(tokenizer) > arch.vocab_size:
         raise TrainingError(
             f"the tokenizer in {tok_dir} has {len(tokenizer)} tokens but the model's vocabulary has "
-            f"{cfg.vocab_size}: they do not belong together"
+            f"{arch.vocab_size}: they do not belong together"
         )
-    if jax.process_index() == 0 and not (workdir_path / "tokenizer").exists():
-        convert.checkpoint.copy_tokenizer(tok_dir, workdir_path / "tokenizer")
-
     data_cfg = _data_config(config, workdir_path)
     splits = build_datasets(data_cfg, tokenizer, progress=jax.process_index() == 0)
+    if jax.process_index() == 0 and not (workdir_path / "tokenizer").exists():
+        convert.checkpoint.copy_tokenizer(tok_dir, workdir_path / "tokenizer")
+    with jax.set_mesh(mesh):
+        model = _load_model(config, mesh)
+    cfg = model.cfg
     batches = PackedBatches(splits.train, config.seq_len, config.batch_size, config.seed, data_cfg.packing)
     total_steps = config.total_steps if config.total_steps > 0 else batches.steps_per_epoch
     logging.info("data: %s; packed: %s; training %d steps", splits.stats, batches.stats, total_steps)
+    train_config.warn_if_inside_warmup(config, total_steps)
 
     # Optimizer, state, compiled step.
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -271,6 +293,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         f"training diverged at step {step + 1} (loss {loss}, parameter norm {param_norm}); "
                         f"stopping without saving (the last good checkpoint is kept: step {mgr.latest_step()})"
                     )
+                if step == start_step:
+                    _record_config(config, workdir_path)  # set-up worked and a step trained: the run exists
                 window_steps += 1
                 done = step + 1
                 if done % config.log_every == 0 or done == total_steps:
@@ -302,6 +326,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     mgr.wait_until_finished()
                     logging.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
                     return {"preempted": True, "step": done, **last}
+            if start_step >= total_steps:
+                _record_config(config, workdir_path)  # nothing left to train (a rerun with more steps resumes)
             if mgr.latest_step() != int(state.step):
                 save(force=True)
             mgr.wait_until_finished()
