@@ -2,12 +2,20 @@ r"""Evaluates a model on the study's benchmarks; writes DIR/results.json and DIR
 
   python scripts/evaluate.py --model=PATH --tasks=mmlu,nq_open,humaneval --output_dir=DIR \
       [--num_fewshot=N] [--limit=N] [--batch_size=N] [--mmlu_dir=DIR] [--nq_file=FILE] [--humaneval_file=FILE]
+      [--max_length=N] [--add_bos_token=true|false]
 
 PATH is an imitax checkpoint, a training workdir (its newest checkpoint) or a
 Hugging Face model directory (converted on the fly). Tasks: mmlu, nq_open,
 humaneval, style (--style_file), multiple_choice (--mc_file), perplexity
 (--perplexity_file). Every task's data is read, and every flag checked, before
-the model is loaded; bad input is one line on stderr and exit status 1.
+the model is loaded (--max_length against the model's positions and
+--add_bos_token against its tokenizer just after, before anything runs); bad
+input is one line on stderr and exit status 1.
+
+--add_bos_token is the lm-evaluation-harness's HFLM argument: unset, the
+tokenizer's default special tokens (a LLaMA tokenizer's BOS; nothing for
+GPT-2), as the harness's default since 0.4.9.2; false, no BOS (its default up
+to 0.4.9.1); true, always BOS. results.json records it under "model".
 """
 
 import os
@@ -30,7 +38,19 @@ _NUM_FEWSHOT = flags.DEFINE_integer(
 )
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N examples of each task (MMLU: per subject).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows per forward pass and prompts per generation batch.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Longest model input (default: the model's positions).")
+_MAX_LENGTH = flags.DEFINE_integer(
+    "max_length",
+    None,
+    "Longest model input; longer ones are truncated from the left (default, and the most a learned-position "
+    "model such as GPT-2 accepts: the model's max_position_embeddings).",
+)
+# A string, not DEFINE_bool: unset must stay distinct from false, and a bad value must be our one-line error.
+_ADD_BOS_TOKEN = flags.DEFINE_string(
+    "add_bos_token",
+    None,
+    "true|false: the lm-evaluation-harness's add_bos_token (unset: the tokenizer's default, as the harness "
+    "since 0.4.9.2; false: no BOS, its default up to 0.4.9.1; true: always BOS).",
+)
 _MAX_GEN_TOKS = flags.DEFINE_integer("max_gen_toks", None, "Longest generation of nq_open, humaneval and style.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype (default: the checkpoint's).")
 _MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data=-1' (default: one device).")
@@ -58,6 +78,16 @@ _REQUIRED_FILES = {"style": "--style_file", "multiple_choice": "--mc_file", "per
 def _fail(message: str) -> None:
     print(f"evaluate.py: error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def add_bos_token() -> bool | None:
+    """``--add_bos_token`` as the LM takes it: ``None`` when unset."""
+    value = _ADD_BOS_TOKEN.value
+    if value is None:
+        return None
+    if value.strip().lower() not in ("true", "false"):
+        _fail(f"--add_bos_token must be true or false (or unset: the tokenizer's default), got {value!r}")
+    return value.strip().lower() == "true"
 
 
 def task_configs() -> dict[str, dict]:
@@ -116,13 +146,22 @@ def main(argv):
     from imitax.eval.lm import LM
 
     bad_input = (ValueError, FileNotFoundError, ImportError, ConversionError, DataError)
+    bos = add_bos_token()
     configs = task_configs()
     try:
         evaluator.build_tasks(configs)  # names, keywords and every task's data, before the model loads
         mesh = sharding.make_mesh(_MESH.value) if _MESH.value else None
         kwargs = {"batch_size": _BATCH_SIZE.value, "max_length": _MAX_LENGTH.value, "dtype": _DTYPE.value}
-        lm = LM.from_path(_MODEL.value, mesh=mesh, **{k: v for k, v in kwargs.items() if v is not None})
-        model_info = {"path": os.path.abspath(_MODEL.value), "max_length": lm.max_length, "batch_size": lm.batch_size}
+        # LM refuses a --max_length past a learned-position model's table, naming both numbers and the flag.
+        lm = LM.from_path(
+            _MODEL.value, mesh=mesh, add_bos_token=bos, **{k: v for k, v in kwargs.items() if v is not None}
+        )
+        model_info = {
+            "path": os.path.abspath(_MODEL.value),
+            "max_length": lm.max_length,
+            "batch_size": lm.batch_size,
+            "add_bos_token": lm.add_bos_token,
+        }
         out = evaluator.evaluate(lm, configs, _OUTPUT_DIR.value, model_info=model_info, progress=True)
     except bad_input as e:
         _fail(str(e))  # what and where, without a traceback; results.json is written only on success

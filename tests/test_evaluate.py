@@ -186,6 +186,24 @@ def hf_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 with 64 learned positions and the test tokenizer, as a Hugging Face directory."""
+    import torch
+    import transformers
+    from hf_models import tiny_hf_config
+
+    config = tiny_hf_config("gpt2")
+    config.vocab_size = 320
+    assert config.n_positions == 64
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(path, safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(str(DATA / "tokenizer")).save_pretrained(path)
+    return path
+
+
 def _script(*args, cache):
     import subprocess
     import sys
@@ -207,7 +225,7 @@ def _finish(process):
     return process.returncode, stdout, stderr
 
 
-def test_script_end_to_end(hf_dir, tmp_path):
+def test_script_end_to_end(hf_dir, gpt2_dir, tmp_path):
     out = tmp_path / "out"
     run = _script(
         f"--model={hf_dir}",
@@ -224,6 +242,7 @@ def test_script_end_to_end(hf_dir, tmp_path):
         f"--mc_file={DATA / 'mc.jsonl'}",
         f"--mc_fewshot_file={DATA / 'mc.jsonl'}",
         "--mc_scoring=cloze",
+        "--add_bos_token=false",  # this tokenizer has no BOS: the numbers equal the default's
         cache=tmp_path / "cache",
     )
     # Bad input, run meanwhile: one line on stderr, exit status 1, nothing written.
@@ -248,12 +267,41 @@ def test_script_end_to_end(hf_dir, tmp_path):
         "style": _script(
             f"--model={hf_dir}", "--tasks=style", f"--output_dir={tmp_path / 'b4'}", cache=tmp_path / "c4"
         ),
+        "bos_value": _script(
+            f"--model={hf_dir}",
+            "--add_bos_token=yes",
+            f"--mc_file={DATA / 'mc.jsonl'}",
+            "--tasks=multiple_choice",
+            f"--output_dir={tmp_path / 'b5'}",
+            cache=tmp_path / "c5",
+        ),
+        "no_bos": _script(  # the test tokenizer has no BOS token to prepend
+            f"--model={hf_dir}",
+            "--add_bos_token=true",
+            f"--mc_file={DATA / 'mc.jsonl'}",
+            "--tasks=multiple_choice",
+            f"--output_dir={tmp_path / 'b6'}",
+            cache=tmp_path / "c6",
+        ),
+        "max_length": _script(  # past GPT-2's 64 learned positions
+            f"--model={gpt2_dir}",
+            "--max_length=100",
+            f"--mc_file={DATA / 'mc.jsonl'}",
+            "--tasks=multiple_choice",
+            f"--output_dir={tmp_path / 'b7'}",
+            cache=tmp_path / "c7",
+        ),
     }
     want = {
         "unknown": f"evaluate.py: error: unknown task(s) nq_closed; known tasks: {', '.join(tasks.names())}",
         "data": f"evaluate.py: error: {tmp_path / 'nq.jsonl'}: no such NQ-open data file. Supply local files",
         "model": f"evaluate.py: error: {tmp_path} is not a model directory. Accepted: an imitax checkpoint",
         "style": "evaluate.py: error: task 'style' needs --style_file=FILE",
+        "bos_value": "evaluate.py: error: --add_bos_token must be true or false (or unset: the tokenizer's "
+        "default), got 'yes'",
+        "no_bos": "evaluate.py: error: add_bos_token=True, but this tokenizer has no BOS token to prepend",
+        "max_length": "evaluate.py: error: max_length 100 is longer than the 64 learned positions of this gpt2 "
+        "model (positions 64.. have no embedding); set max_length (scripts/evaluate.py: --max_length) to at most 64",
     }
     for i, (name, process) in enumerate(bad.items(), start=1):
         code, _, stderr = _finish(process)
@@ -266,6 +314,7 @@ def test_script_end_to_end(hf_dir, tmp_path):
     assert f"wrote {out / 'results.json'}" in stdout
     results = json.loads((out / "results.json").read_text())
     assert set(results["results"]) == {"mmlu", "nq_open", "humaneval", "style", "multiple_choice"}
+    assert results["model"]["add_bos_token"] is False and results["model"]["max_length"] == 512
     assert results["model"]["path"] == str(hf_dir) and results["config"]["mmlu"] == {
         "data_dir": str(DATA / "mmlu"),
         "num_fewshot": 1,

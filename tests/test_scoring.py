@@ -266,6 +266,137 @@ def test_scoring_on_a_mesh_equals_single_device():
     assert_close(scorer.loglikelihood_tokens(requests), want)
 
 
+# -- BOS: the harness's add_bos_token ----------------------------------------------------------------
+
+BOS = 300  # "<s>", the id after the test tokenizer's 300
+
+
+@functools.cache
+def bos_tokenizer(adds_bos: bool):
+    """The test BPE with a BOS token ``<s>``; ``adds_bos``: prepended by default, as LLaMA's tokenizer does.
+
+    ``adds_bos=False`` is a Pythia-style tokenizer: it has a BOS token but does not add it.
+    """
+    import tokenizers
+
+    backend = tokenizers.Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>", add_bos_token=adds_bos
+    )
+    plain = tok("hello", add_special_tokens=False)["input_ids"]
+    assert tok.bos_token_id == BOS and tok("hello")["input_ids"] == ([BOS] if adds_bos else []) + plain
+    return tok
+
+
+def bos_reference(tok, context: str, continuation: str, with_bos: bool) -> tuple[list[int], list[int]]:
+    """The harness's encoding, written out: BOS starts each encoding iff ``with_bos``; ``""`` becomes ``[BOS]``."""
+    plain = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if context == "":
+        return [BOS], plain(continuation)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    # A text that already starts with "<s>" brings its own BOS, whatever the setting.
+    bos = [BOS] if with_bos and not context.startswith("<s>") else []
+    context_ids, whole = bos + plain(context), bos + plain(context + continuation)
+    return context_ids, whole[len(context_ids) :]
+
+
+BOS_REQUESTS = [
+    (CONTEXTS[0], " A"),
+    (CONTEXTS[0], " B"),
+    (CONTEXTS[1], "four"),
+    (CONTEXTS[2], " there was a dragon"),
+    ("", "Hello world"),  # the prefix token (BOS) in every setting
+    ("<s>Once upon a time", " there"),  # BOS already there: never doubled
+]
+
+
+@pytest.mark.parametrize("adds_bos", [True, False], ids=["llama_style", "pythia_style"])
+def test_add_bos_token_matches_transformers_on_the_harness_encoding(adds_bos):
+    torch_model, model = tiny_pair("llama", 128)
+    tok = bos_tokenizer(adds_bos)
+    text = "It was the best of times."
+    plain_text = tok(text, add_special_tokens=False)["input_ids"]
+    results = {}
+    # None: the tokenizer's default (the harness since 0.4.9.2); False: no BOS (up to 0.4.9.1); True: always.
+    for setting, with_bos in ((None, adds_bos), (False, False), (True, True)):
+        lm = LM(model, tok, batch_size=4, add_bos_token=setting)
+        assert lm.add_bos_token is setting and lm.prefix_token_id == BOS
+        encoded = [bos_reference(tok, c, k, with_bos) for c, k in BOS_REQUESTS]
+        assert all(ctx[0] == BOS for ctx, _ in encoded[4:])  # empty context, and "<s>..." as written
+        assert all((ctx[0] == BOS) == with_bos for ctx, _ in encoded[:4])
+        assert [encode_pair(tok, c, k, BOS, add_bos_token=setting) for c, k in BOS_REQUESTS] == encoded
+        results[setting] = got = lm.loglikelihood(BOS_REQUESTS)
+        assert_close(got, [hf_loglikelihood(torch_model, c, k, 128) for c, k in encoded])
+        # Rolling: the document's tokens (with BOS iff with_bos, so that BOS is then scored) after the prefix BOS.
+        tokens = ([BOS] if with_bos else []) + plain_text
+        (rolling,) = lm.loglikelihood_rolling([text])
+        assert abs(rolling - hf_loglikelihood(torch_model, [BOS], tokens, 128)[0]) <= ATOL
+    # The setting changes the numbers (so a scorer ignoring it fails above), except where BOS is fixed.
+    with_, without = (results[None], results[False]) if adds_bos else (results[True], results[None])
+    assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(with_[:4], without[:4], strict=True))
+    assert_close(with_[4:], without[4:])
+
+
+def test_add_bos_token_applies_to_generation_prompts():
+    _, model = tiny_pair("llama", 128)
+    tok = bos_tokenizer(True)
+    context = "Once upon a time"
+    plain = tok(context, add_special_tokens=False)["input_ids"]
+    want = {}
+    for setting, prompt in ((None, [BOS, *plain]), (False, plain)):
+        want[setting] = tok.decode(generate(model, [prompt], max_new_tokens=8)[0], skip_special_tokens=True)
+        lm = LM(model, tok, batch_size=2, add_bos_token=setting)
+        assert lm.generate_until([(context, {"max_gen_toks": 8})]) == [want[setting]]
+    assert want[None] != want[False]  # BOS changes this model's continuation: the check above has teeth
+
+
+def test_bad_add_bos_token_is_refused():
+    _, model = tiny_pair("llama", 128)
+    with pytest.raises(ValueError, match="add_bos_token must be None, True or False, got 'false'"):
+        Scorer(model, bos_tokenizer(True), add_bos_token="false")
+    # The test tokenizer has EOS but no BOS: nothing to prepend.
+    with pytest.raises(ValueError, match="add_bos_token=True, but this tokenizer has no BOS token.*--add_bos_token"):
+        LM(model, tokenizer(), add_bos_token=True)
+    assert LM(model, tokenizer(), add_bos_token=False).add_bos_token is False
+
+
+# -- max_length against the model's positions ------------------------------------------------------------
+
+
+def test_max_length_past_learned_positions_is_refused_naming_both_numbers_and_the_flag():
+    _, gpt2 = tiny_pair("gpt2", 64)
+    for make in (lambda: Scorer(gpt2, max_length=65), lambda: LM(gpt2, tokenizer(), max_length=65)):
+        with pytest.raises(ValueError) as e:
+            make()
+        message = str(e.value)
+        assert message.startswith("max_length 65 is longer than the 64 learned positions of this gpt2 model")
+        assert message.endswith("set max_length (scripts/evaluate.py: --max_length) to at most 64")
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
+        Scorer(gpt2, max_length=0)
+    assert Scorer(gpt2).max_length == Scorer(gpt2, max_length=64).max_length == 64
+    # RoPE runs past its trained length (as transformers does), with a warning.
+    _, llama = tiny_pair("llama", 128)
+    with pytest.warns(UserWarning, match="max_length 200 is longer than this llama model's max_position_embeddings"):
+        assert Scorer(llama, max_length=200).max_length == 200
+
+
+def test_long_text_prompts_are_truncated_from_the_left_to_the_learned_positions():
+    torch_model, model = tiny_pair("gpt2", 64)
+    lm = LM(model, tokenizer(), batch_size=2)
+    assert lm.max_length == 64
+    long_context = " ".join(CONTEXTS) * 3
+    requests = [(long_context, " A"), (long_context, " dragon"), (CONTEXTS[2] * 20, " there was a dragon")]
+    encoded = [harness_tokens(c, k) for c, k in requests]
+    assert all(len(c) + len(k) > 65 for c, k in encoded)  # every one is truncated
+    got = lm.loglikelihood(requests)
+    assert all(np.isfinite(logprob) for logprob, _ in got)
+    # transformers on the kept tokens: the last 65 of context + continuation, the last one predicted only.
+    assert_close(got, [hf_loglikelihood(torch_model, c, k, 64) for c, k in encoded])
+    assert lm.stats.truncated == len(requests)
+
+
 def test_bad_requests_are_refused():
     _, model = tiny_pair("llama", 128)
     scorer = Scorer(model)

@@ -40,10 +40,22 @@ class LM:
       mesh: shard batches over this mesh's batch axes (default: the mesh set
         with ``jax.set_mesh``, if any).
       batch_size: rows per forward pass and prompts per generation batch.
-      max_length: the longest input the model reads (default: the model's
-        ``max_position_embeddings``).
+      max_length: the longest input the model reads: scored requests are
+        truncated from the left to it, generation prompts to it less
+        ``max_gen_toks`` (default: the model's ``max_position_embeddings``; a
+        longer one is refused for learned positions, warned about for RoPE).
+      add_bos_token: the lm-evaluation-harness's ``add_bos_token``, for scoring
+        and generation prompts alike. ``None`` (default, the harness's default
+        since 0.4.9.2): the tokenizer's default special tokens (BOS for LLaMA
+        tokenizers, nothing for GPT-2's); ``False`` (the harness's default up to
+        0.4.9.1): none; ``True``: always BOS. An empty context is the prefix
+        token (BOS, else EOS) in every case. The tokenizer itself is not changed.
       **scorer_kwargs: more :class:`~imitax.eval.scoring.Scorer` options
         (``prefix_token_id``, ``share_prefix``, ``min_shared_prefix``).
+
+    Raises:
+      ValueError: ``max_length`` past a learned-position model's positions, or
+        ``add_bos_token=True`` with a tokenizer that has no BOS token.
     """
 
     def __init__(
@@ -53,11 +65,18 @@ class LM:
         mesh: jax.sharding.Mesh | None = None,
         batch_size: int = scoring.DEFAULT_BATCH_SIZE,
         max_length: int | None = None,
+        add_bos_token: bool | None = None,
         **scorer_kwargs,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.scorer = scoring.Scorer(
-            model, tokenizer, max_length=max_length, batch_size=batch_size, mesh=mesh, **scorer_kwargs
+            model,
+            tokenizer,
+            max_length=max_length,
+            batch_size=batch_size,
+            mesh=mesh,
+            add_bos_token=add_bos_token,
+            **scorer_kwargs,
         )
         self.mesh, self.batch_size, self.max_length = self.scorer.mesh, batch_size, self.scorer.max_length
 
@@ -110,6 +129,11 @@ class LM:
         return self.scorer.prefix_token_id
 
     @property
+    def add_bos_token(self) -> bool | None:
+        """The harness's ``add_bos_token`` this LM encodes with (``None``: the tokenizer's default)."""
+        return self.scorer.add_bos_token
+
+    @property
     def stats(self) -> scoring.ScoringStats:
         """The scorer's cumulative statistics (requests, truncations, compiled programs...)."""
         return self.scorer.stats
@@ -129,12 +153,13 @@ class LM:
         the end-of-text token always stops), ``max_gen_toks`` (default 256),
         optional ``temperature`` (default 0: greedy; ``do_sample=False`` forces
         0), ``top_p``, ``top_k`` and ``seed``. As the harness does, the context
-        is encoded with the tokenizer's default special tokens and truncated
-        from the left to ``max_length - max_gen_toks`` tokens, and the new
-        tokens are decoded without special tokens. Requests with equal settings
-        are generated together, ``batch_size`` at a time. When sampling, every
-        request draws its own sample (copies of one request give independent
-        samples, e.g. for pass@k), and a rerun with the same seed repeats them.
+        is encoded as ``add_bos_token`` says (default: the tokenizer's default
+        special tokens) and truncated from the left to ``max_length -
+        max_gen_toks`` tokens, and the new tokens are decoded without special
+        tokens. Requests with equal settings are generated together,
+        ``batch_size`` at a time. When sampling, every request draws its own
+        sample (copies of one request give independent samples, e.g. for
+        pass@k), and a rerun with the same seed repeats them.
         ``progress`` shows a tqdm bar over the requests.
 
         Raises:
@@ -153,7 +178,9 @@ class LM:
         for index in groups.values():
             s = settings[index[0]]
             keep = self.max_length - s["max_gen_toks"]
-            contexts = scoring.tok_encode(self.tokenizer, [requests[i][0] for i in index], prefix)
+            contexts = scoring.tok_encode(
+                self.tokenizer, [requests[i][0] for i in index], prefix, add_bos_token=self.add_bos_token
+            )
             # Longest first, as the harness orders generation.
             order = sorted(range(len(index)), key=lambda j: -len(contexts[j]))
             for start in range(0, len(order), self.batch_size):

@@ -8,20 +8,33 @@ Semantics (those of the harness's ``hf`` backend, ``lm_eval/api/model.py`` and
 ``lm_eval/models/huggingface.py``, version 0.4):
 
 * Trailing whitespace of a context moves to the front of its continuation. The
-  context and ``context + continuation`` are each encoded (with the tokenizer's
-  default special tokens, none if the text already starts with the prefix
-  token's text) and the continuation's tokens are those of the whole string
-  after the encoded context's length.
+  context and ``context + continuation`` are each encoded and the
+  continuation's tokens are those of the whole string after the encoded
+  context's length.
+* BOS (``add_bos_token``, the harness's ``HFLM`` argument with its meaning
+  since 0.4.9.2): ``None`` (the default, as the harness's since 0.4.9.2)
+  encodes with the tokenizer's default special tokens: a LLaMA tokenizer
+  prepends BOS, GPT-2's nothing. ``False`` (the harness's default up to
+  0.4.9.1) encodes without special tokens. ``True`` encodes with them and
+  prepends BOS where the tokenizer did not (as the tokenizer the harness loads
+  with ``add_bos_token=True`` does). In every case a text that already starts
+  with the prefix token's text gets no special tokens.
 * An empty context becomes the prefix token (``prefix_token_id``: BOS, else
-  EOS), unless the continuation itself starts with that token, which then serves
-  as the context.
+  EOS, whatever ``add_bos_token`` is), unless the continuation (encoded
+  without special tokens) itself starts with that token, which then serves as
+  the context.
 * The model reads ``(context + continuation)[-(max_length + 1):][:-1]``: a
   request longer than ``max_length + 1`` tokens is truncated from the left (and
   counted in :class:`ScoringStats`). The result is the summed log-probability
   of the continuation's tokens and whether each is the argmax (greedy) token.
-* Rolling log-likelihood (perplexity) splits a document's tokens into the
-  harness's disjoint windows of at most ``max_length`` predictions, the first
-  one conditioned on the prefix token and each later one on a full window of
+  ``max_length`` defaults to the model's ``max_position_embeddings`` (the
+  harness reads it from the config); a longer one is refused for learned
+  positions, which have no embedding there (:meth:`TransformerConfig.check_length`).
+* Rolling log-likelihood (perplexity) splits a document's tokens (encoded as
+  above: with ``add_bos_token=None`` a LLaMA document starts with BOS, which is
+  then scored after the prefix BOS, as the harness does) into the harness's
+  disjoint windows of at most ``max_length`` predictions, the first one
+  conditioned on the prefix token and each later one on a full window of
   preceding tokens; every token is predicted exactly once.
 
 How the work is arranged. Requests are reduced to distinct model inputs
@@ -64,6 +77,7 @@ from imitax.models.transformer import constrain_cache
 __all__ = [
     "Scorer",
     "ScoringStats",
+    "check_add_bos_token",
     "encode_pair",
     "length_bucket",
     "resolve_prefix_token_id",
@@ -91,37 +105,77 @@ def resolve_prefix_token_id(tokenizer, prefix_token_id: int | None = None) -> in
     raise ValueError("the tokenizer has neither a BOS nor an EOS token: pass prefix_token_id explicitly")
 
 
+def check_add_bos_token(tokenizer, add_bos_token) -> bool | None:
+    """Validates ``add_bos_token`` (``None``, ``True`` or ``False``) against ``tokenizer``; returns it.
+
+    Raises:
+      ValueError: it is not a bool or ``None`` (a string such as ``"false"``
+        would silently read as true), or it is ``True`` and ``tokenizer`` has
+        no BOS token to prepend.
+    """
+    if add_bos_token is not None and not isinstance(add_bos_token, bool):
+        raise ValueError(f"add_bos_token must be None, True or False, got {add_bos_token!r}")
+    if add_bos_token and tokenizer is not None and tokenizer.bos_token_id is None:
+        raise ValueError(
+            "add_bos_token=True, but this tokenizer has no BOS token to prepend: leave add_bos_token unset "
+            "(the tokenizer's default) or set it to False (scripts/evaluate.py: --add_bos_token)"
+        )
+    return add_bos_token
+
+
 def tok_encode(
-    tokenizer, texts: Sequence[str], prefix_token_id: int, add_special_tokens: bool | None = None
+    tokenizer,
+    texts: Sequence[str],
+    prefix_token_id: int,
+    add_special_tokens: bool | None = None,
+    add_bos_token: bool | None = None,
 ) -> list[list[int]]:
     """Encodes ``texts`` like the harness's ``tok_encode``, in one batched tokenizer call per setting.
 
-    With ``add_special_tokens=None`` the tokenizer adds its default special
-    tokens (LLaMA's BOS; nothing for GPT-2), except to a text that already starts
-    with the prefix token's text.
+    Args:
+      tokenizer: a ``transformers`` tokenizer.
+      texts: the strings to encode.
+      prefix_token_id: the token whose text, at the start of a string, means the
+        string brings its own special tokens (none are added to it).
+      add_special_tokens: ``True``/``False`` overrides everything (the harness
+        passes ``False`` for an empty context's continuation); ``None``
+        follows ``add_bos_token`` and the prefix-text rule.
+      add_bos_token: ``None``: the tokenizer's default special tokens (LLaMA's
+        BOS; nothing for GPT-2). ``False``: none. ``True``: the tokenizer's
+        special tokens, with BOS prepended where the tokenizer did not.
+
+    Returns:
+      One list of token ids per text.
     """
     if add_special_tokens is not None:
         flags = [add_special_tokens] * len(texts)
     else:
         prefix_text = tokenizer.decode(prefix_token_id)
-        flags = [not t.startswith(prefix_text) for t in texts]
+        wanted = add_bos_token is not False
+        flags = [wanted and not t.startswith(prefix_text) for t in texts]
+    # add_bos_token=True: the harness loads its tokenizer with add_bos_token=True, which (transformers'
+    # post-processor) prepends BOS to every encoding with special tokens; this tokenizer may not.
+    bos = tokenizer.bos_token_id if add_bos_token else None
     out: list[list[int] | None] = [None] * len(texts)
     for flag in (True, False):
         index = [i for i, f in enumerate(flags) if f == flag]
         if index:
             ids = tokenizer([texts[i] for i in index], add_special_tokens=flag)["input_ids"]
             for i, row in zip(index, ids, strict=True):
-                out[i] = list(row)
+                row = list(row)
+                out[i] = [bos, *row] if flag and bos is not None and row[:1] != [bos] else row
     return out  # type: ignore[return-value]
 
 
-def encode_pair(tokenizer, context: str, continuation: str, prefix_token_id: int) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, context: str, continuation: str, prefix_token_id: int, add_bos_token: bool | None = None
+) -> tuple[list[int], list[int]]:
     """``(context_ids, continuation_ids)`` of one request, by the harness's rules (module docstring)."""
-    return _encode_requests(tokenizer, [(context, continuation)], prefix_token_id)[0]
+    return _encode_requests(tokenizer, [(context, continuation)], prefix_token_id, add_bos_token)[0]
 
 
 def _encode_requests(
-    tokenizer, requests: Sequence[tuple[str, str]], prefix_token_id: int
+    tokenizer, requests: Sequence[tuple[str, str]], prefix_token_id: int, add_bos_token: bool | None = None
 ) -> list[tuple[list[int], list[int]]]:
     pairs, whole_texts, context_texts, empty = [], [], [], []
     for context, continuation in requests:
@@ -137,7 +191,10 @@ def _encode_requests(
         context_texts.append(context)
     # Contexts repeat across a question's choices: encode each distinct text once.
     distinct = list(dict.fromkeys(whole_texts + context_texts))
-    encoded = dict(zip(distinct, tok_encode(tokenizer, distinct, prefix_token_id), strict=True))
+    encoded = dict(
+        zip(distinct, tok_encode(tokenizer, distinct, prefix_token_id, add_bos_token=add_bos_token), strict=True)
+    )
+    # The harness encodes an empty context's continuation without special tokens, whatever add_bos_token is.
     empty_ids = iter(tok_encode(tokenizer, empty, prefix_token_id, add_special_tokens=False) if empty else ())
     out = []
     for pair in pairs:
@@ -410,15 +467,27 @@ class Scorer:
     Args:
       model: the language model.
       tokenizer: a ``transformers`` tokenizer (needed for the text methods only).
-      max_length: the longest input the model reads (default: the model's
-        ``max_position_embeddings``, as the harness reads it from the config).
+      max_length: the longest input the model reads; longer requests are
+        truncated from the left. Default: the model's ``max_position_embeddings``,
+        as the harness reads it from the config. A longer one is refused for a
+        learned-position model (GPT-2: positions past its table have no
+        embedding) and warned about for a RoPE model.
       batch_size: rows per forward pass (rounded up to the mesh's batch shards).
       mesh: shard the batch over this mesh's ``data`` and ``fsdp`` axes
         (default: the mesh set with ``jax.set_mesh``, if any).
       prefix_token_id: the token an empty context becomes (default: BOS, else EOS).
+      add_bos_token: the harness's ``add_bos_token`` (module docstring).
+        ``None`` (default): the tokenizer's default special tokens, as the
+        harness's default since 0.4.9.2 (a LLaMA tokenizer's BOS starts every
+        context); ``False``: no special tokens, as the harness's default up to
+        0.4.9.1; ``True``: always BOS.
       share_prefix: compute each long shared token prefix once (results equal
         the plain computation up to float rounding).
       min_shared_prefix: the shortest prefix worth a cache of its own.
+
+    Raises:
+      ValueError: ``max_length`` below 1 or past a learned-position model's
+        positions, ``batch_size`` below 1, or a bad ``add_bos_token``.
     """
 
     def __init__(
@@ -430,16 +499,22 @@ class Scorer:
         batch_size: int = DEFAULT_BATCH_SIZE,
         mesh: jax.sharding.Mesh | None = None,
         prefix_token_id: int | None = None,
+        add_bos_token: bool | None = None,
         share_prefix: bool = True,
         min_shared_prefix: int = 64,
     ):
         cfg = model.cfg
         self.model, self.tokenizer = model, tokenizer
-        self.max_length = int(max_length or cfg.max_position_embeddings)
-        if cfg.position == "learned" and self.max_length > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_length {self.max_length} exceeds the model's {cfg.max_position_embeddings} learned positions"
-            )
+        if max_length is None:
+            self.max_length = int(cfg.max_position_embeddings)
+        else:
+            if int(max_length) < 1:
+                raise ValueError(f"max_length must be >= 1, got {max_length} (scripts/evaluate.py: --max_length)")
+            self.max_length = int(max_length)
+        # Rows hold at most max_length tokens at positions 0..max_length-1. Refused here, before anything
+        # compiles: past a learned table the position embedding would read NaN, silently.
+        cfg.check_length(self.max_length, what="max_length", fix="max_length (scripts/evaluate.py: --max_length)")
+        self.add_bos_token = check_add_bos_token(tokenizer, add_bos_token)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mesh is None and not jax.sharding.get_mesh().empty:
@@ -464,14 +539,16 @@ class Scorer:
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]], progress: bool = False) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), is_greedy)`` of each ``(context, continuation)``."""
-        tokenized = _encode_requests(self._require_tokenizer(), list(requests), self.prefix_token_id)
+        tokenized = _encode_requests(
+            self._require_tokenizer(), list(requests), self.prefix_token_id, add_bos_token=self.add_bos_token
+        )
         return self.loglikelihood_tokens(tokenized, progress=progress)
 
     def loglikelihood_rolling(self, texts: Sequence[str], progress: bool = False) -> list[float]:
         """The log-probability of each whole text, over the harness's rolling windows."""
         tokenizer, prefix = self._require_tokenizer(), self.prefix_token_id
         windows, owner = [], []
-        for i, ids in enumerate(tok_encode(tokenizer, list(texts), prefix)):
+        for i, ids in enumerate(tok_encode(tokenizer, list(texts), prefix, add_bos_token=self.add_bos_token)):
             for window in rolling_windows(ids, prefix, self.max_length):
                 windows.append(window)
                 owner.append(i)

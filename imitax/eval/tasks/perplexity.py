@@ -81,7 +81,9 @@ class Perplexity:
         before = lm.stats.copy() if hasattr(lm, "stats") else None
         logprobs = lm.loglikelihood_rolling(texts, progress=progress)
         prefix = scoring.resolve_prefix_token_id(lm.tokenizer, getattr(lm, "prefix_token_id", None))
-        tokens = [len(ids) for ids in scoring.tok_encode(lm.tokenizer, texts, prefix)]
+        # Counted as the LM encoded them for scoring (its add_bos_token decides whether a BOS is scored).
+        bos = getattr(lm, "add_bos_token", None)
+        tokens = [len(ids) for ids in scoring.tok_encode(lm.tokenizer, texts, prefix, add_bos_token=bos)]
         num_bytes = [len(t.encode("utf-8")) for t in texts]
         words = [len(re.split(r"\s+", t.strip())) for t in texts]
         total = math.fsum(logprobs)

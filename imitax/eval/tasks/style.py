@@ -249,7 +249,8 @@ class Style:
         prefix = scoring.resolve_prefix_token_id(tokenizer, getattr(lm, "prefix_token_id", None))
         encoder = data.Encoder(tokenizer, self.template)
         trained = [encoder.encode_prompt(c).tolist() for c in conversations]
-        same = sum(a == b for a, b in zip(scoring.tok_encode(tokenizer, contexts, prefix), trained, strict=True))
+        read = scoring.tok_encode(tokenizer, contexts, prefix, add_bos_token=getattr(lm, "add_bos_token", None))
+        same = sum(a == b for a, b in zip(read, trained, strict=True))
         settings = {"until": self.stop_sequences(tokenizer), "max_gen_toks": self.max_gen_toks, "temperature": 0.0}
         outputs = generate_until(lm, [(c, dict(settings)) for c in contexts], progress)
         if len(outputs) != len(contexts):
