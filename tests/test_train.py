@@ -31,7 +31,7 @@ import transformers
 from flax import nnx
 
 from imitax import data, models, sharding
-from imitax.convert import ConversionError, core
+from imitax.convert import core
 from imitax.data.formats import TEACHER, USER, Conversation
 from imitax.train import optim
 from imitax.train import state as train_state
@@ -659,12 +659,16 @@ def test_budget_larger_than_the_data(compile_cache, overrides, tokenizer, tmp_pa
 
 def test_init_from_nothing_valid(overrides, tmp_path):
     missing = tmp_path / "nowhere"
-    with pytest.raises(TrainingError, match=f"init_from={missing} is neither a Hugging Face model directory"):
+    with pytest.raises(TrainingError, match=f"config.init_from: {missing} does not exist"):
         run(th.make_config(overrides | {"init_from": str(missing)}), str(tmp_path / "a"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(TrainingError, match=r"config.init_from: .*plain is not a model directory; expected an imitax"):
+        run(th.make_config(overrides | {"init_from": str(tmp_path / "plain")}), str(tmp_path / "a"))
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)  # a training workdir that never finished a checkpoint
-    with pytest.raises(ConversionError, match=f"{empty} is a training workdir without a finished checkpoint"):
+    with pytest.raises(TrainingError, match=f"{empty} is a training workdir without a finished checkpoint"):
         run(th.make_config(overrides | {"init_from": str(empty)}), str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before the workdir
 
 
 def test_script_reports_bad_input_in_one_line(overrides, tmp_path):
@@ -673,4 +677,17 @@ def test_script_reports_bad_input_in_one_line(overrides, tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: init_from={missing} is neither a Hugging Face model directory"), last
+    assert last == f"error: config.init_from: {missing} does not exist", last
+
+
+def test_a_run_that_fails_before_its_first_step_does_not_block_the_corrected_command(overrides, tmp_path):
+    workdir = tmp_path / "run"
+    bad = th.script_args(overrides | {"data.train": th.DATA / "bad.jsonl", "total_steps": 2}, workdir)
+    proc = th.run_script(bad, timeout=300)
+    assert proc.returncode == 1 and "line 3: field 'conversations[1].value'" in proc.stderr.splitlines()[-1]
+    assert not (workdir / "run_config.json").exists() and not (workdir / "checkpoints").exists()
+    # The same command with the data fixed: not refused as "a run with a different config".
+    good = th.script_args(overrides | {"total_steps": 2}, workdir)
+    proc = th.run_script(good, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert th.checkpoint_steps(workdir)[-1] == 2 and (workdir / "run_config.json").exists()
