@@ -6,11 +6,19 @@ factories::
     torch_model, hf_config = tiny_hf_model("llama3")
     model = to_imitax(torch_model)
 
-Every parameter is re-drawn at random (norm scales around 1, biases non-zero),
-because transformers initializes biases to 0 and norm scales to 1, which would
-let a missing bias or a mis-mapped norm pass unnoticed. The weights are larger
-than transformers' default ``initializer_range`` so that logits are spread out
-and greedy decoding does not hinge on near-ties.
+Every parameter is re-drawn at random (:func:`randomize`: norm scales around 1,
+norm and projection biases non-zero), because transformers initializes biases
+to 0 and norm scales to 1, and imitax's ``init_model`` does the same: a bias
+joined in the wrong order on export (GPT-2's fused ``c_attn``, NeoX's
+``query_key_value``) or a norm mapped to the wrong tensor would pass unnoticed.
+Models built elsewhere (a test's own config, an imitax model before export)
+go through :func:`randomize` or :func:`randomize_imitax` for the same reason.
+The weights are larger than transformers' default ``initializer_range`` so that
+logits are spread out and greedy decoding does not hinge on near-ties.
+
+:data:`FAMILIES` are one model per supported family and variant; :data:`OPTION_KINDS`
+add the architecture options that no family default exercises (linear RoPE
+scaling, LLaMA's attention and MLP biases, Qwen2's per-layer sliding window).
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import jax
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 
 from imitax import models
 from imitax.convert import core
@@ -82,14 +92,36 @@ KINDS: dict[str, tuple[type, dict[str, Any]]] = {
     "gpt_neox": (transformers.GPTNeoXConfig, dict(_NEOX_SHAPE, use_parallel_residual=True)),
     # Pythia-style checkpoints with the sequential residual (e.g. some fine-tunes).
     "gpt_neox_seq": (transformers.GPTNeoXConfig, dict(_NEOX_SHAPE, use_parallel_residual=False)),
+    # -- architecture options (OPTION_KINDS) --
+    # Linear RoPE scaling (positions divided by 4), in transformers 5's rope_parameters spelling.
+    "llama_linear": (
+        transformers.LlamaConfig,
+        dict(
+            _LLAMA_SHAPE,
+            num_key_value_heads=2,
+            rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+        ),
+    ),
+    # One attention_bias for q, k, v and o, and biases on all three MLP projections.
+    "llama_bias": (
+        transformers.LlamaConfig,
+        dict(_LLAMA_SHAPE, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+    ),
+    # transformers 5 makes layer i slide iff use_sliding_window and i >= max_window_layers
+    # (Qwen2Config.layer_types): layer 0 full, layer 1 a window of 5 (shorter than the test sequences).
+    "qwen2_sliding": (
+        transformers.Qwen2Config,
+        dict(_LLAMA_SHAPE, num_key_value_heads=2, use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    ),
 }
-FAMILIES = tuple(KINDS)
+OPTION_KINDS = ("llama_linear", "llama_bias", "qwen2_sliding")
+FAMILIES = tuple(k for k in KINDS if k not in OPTION_KINDS)
 
 
 def tiny_hf_config(kind: str) -> transformers.PretrainedConfig:
-    """The transformers config of a tiny model of ``kind`` (one of :data:`FAMILIES`)."""
+    """The transformers config of a tiny model of ``kind`` (a key of :data:`KINDS`)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; known: {FAMILIES}")
+        raise ValueError(f"unknown kind {kind!r}; known: {tuple(KINDS)}")
     cls, kwargs = KINDS[kind]
     return cls(**kwargs, **_NO_SPECIAL_TOKENS)
 
@@ -98,7 +130,7 @@ def tiny_hf_model(kind: str, seed: int = 0, std: float = 0.2) -> tuple[torch.nn.
     """A float32 ``AutoModelForCausalLM`` of ``kind`` with random weights, in eval mode.
 
     Args:
-      kind: one of :data:`FAMILIES`.
+      kind: a key of :data:`KINDS`.
       seed: torch seed for the weights.
       std: standard deviation of the weights (norm scales are ``1 + std * noise``).
 
@@ -111,17 +143,55 @@ def tiny_hf_model(kind: str, seed: int = 0, std: float = 0.2) -> tuple[torch.nn.
     model = transformers.AutoModelForCausalLM.from_config(
         hf_config, attn_implementation="eager", dtype=torch.float32
     ).eval()
-    norm_weights = {
-        id(m.weight)
-        for m in model.modules()
-        if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
-    }
+    return randomize(model, seed, std), hf_config
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Re-draws every parameter of a transformers model in place (returns it).
+
+    Norm scales become ``1 + std * noise``; every other parameter, biases and norm
+    biases included, ``std * noise``, from a generator seeded with ``seed``.
+
+    Raises:
+      AssertionError: a bias or norm parameter is still constant afterwards (a
+        parameter this function missed would leave its mapping untested).
+    """
+    norm_scales = {id(m.weight) for m in model.modules() if _is_norm(m)}
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             noise = torch.randn(p.shape, generator=generator) * std
-            p.copy_(1 + noise if id(p) in norm_weights else noise)
-    return model, hf_config
+            p.copy_(1 + noise if id(p) in norm_scales else noise)
+    norm_names = {f"{name}.{n}" for name, m in model.named_modules() if _is_norm(m) for n, _ in m.named_parameters()}
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or name in norm_names:
+            assert p.numel() < 2 or p.std() > std / 2, f"{name} was not randomized"
+    return model
+
+
+def randomize_imitax(model: models.Transformer, seed: int = 0, std: float = 0.2) -> models.Transformer:
+    """Re-draws every parameter of an imitax model in place (returns it), as :func:`randomize` does.
+
+    ``models.init_model`` gives norms scale 1 and bias 0 and projections bias 0,
+    like transformers; a model built that way and exported would not show a
+    norm or bias exported to the wrong tensor. ``model`` may also be
+    ``models.abstract_model(cfg)``, which this fills with concrete arrays.
+    """
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+
+    def draw(path, leaf):
+        noise = rng.normal(0.0, std, leaf.shape)
+        value = 1 + noise if str(getattr(path[-1], "key", path[-1])) == "scale" else noise
+        return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+    state.replace_by_pure_dict(jax.tree.map_with_path(draw, state.to_pure_dict()))
+    nnx.update(model, state)
+    return model
 
 
 @functools.cache

@@ -1,14 +1,20 @@
 """HF <-> imitax conversion: transformers' logits, lossless round trips, clear errors.
 
-Tiny random transformers models of every supported model_type are saved as
+Tiny random transformers models of every supported model_type, and of the
+architecture options no family default exercises (linear RoPE scaling, LLaMA's
+attention and MLP biases, Qwen2's per-layer sliding window), are saved as
 safetensors (one sharded, one bfloat16, two with a locally trained tokenizer)
 and taken through import, Orbax checkpoints, export and transformers' loader.
+Every parameter is random (``hf_models.randomize``), biases and norms included:
+transformers' initialization (biases 0, norm scales 1) would hide a bias joined
+in the wrong order or a norm exported to the wrong tensor.
 """
 
 import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +29,7 @@ import tokenizers
 import torch
 import transformers
 from flax import nnx
+from hf_models import randomize, randomize_imitax, tiny_hf_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -55,6 +62,10 @@ HF_CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**_TINY, num_key_value_heads=2, sliding_window=4),
     "qwen2": lambda: transformers.Qwen2Config(**_TINY, num_key_value_heads=2, tie_word_embeddings=True),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_TINY, rotary_pct=0.5),
+    # The options, as tests/hf_models.py defines them (Qwen2's window of 5 is shorter than TOKENS).
+    "llama_linear": lambda: tiny_hf_config("llama_linear"),
+    "llama_bias": lambda: tiny_hf_config("llama_bias"),
+    "qwen2_sliding": lambda: tiny_hf_config("qwen2_sliding"),
 }
 SHARDED = "llama"  # saved (and exported) in several safetensors shards
 BF16 = "qwen2"  # saved in bfloat16
@@ -102,7 +113,7 @@ def hf(tmp_path_factory):
     out = {}
     for i, (name, make_config) in enumerate(HF_CONFIGS.items()):
         torch.manual_seed(i)
-        model = transformers.AutoModelForCausalLM.from_config(make_config()).eval()
+        model = randomize(transformers.AutoModelForCausalLM.from_config(make_config()).eval(), seed=i)
         directory = tmp_path_factory.mktemp(f"hf_{name}")
         if name == BF16:
             model.to(torch.bfloat16).save_pretrained(directory)
@@ -130,7 +141,7 @@ def ckpt(hf, tmp_path_factory):
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_checkpoint_logits_match_transformers(hf, ckpt, name):
     model = convert.load_checkpoint(ckpt[name])
-    assert model.cfg.model_type == name
+    assert model.cfg.model_type == HF_CONFIGS[name]().model_type
     np.testing.assert_allclose(_logits(model), hf[name][1], atol=TOL, rtol=0)
     has_tokenizer = (
         convert.tokenizer_dir(ckpt[name]) is not None
@@ -148,6 +159,46 @@ def test_export_loads_in_transformers(hf, ckpt, tmp_path, name):
         text = "the teacher's style is cheap"
         original = transformers.AutoTokenizer.from_pretrained(hf[name][0])
         assert transformers.AutoTokenizer.from_pretrained(out)(text) == original(text)
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_imitax_model_exports_to_transformers(tmp_path, name):
+    """A model made on the imitax side, every parameter random, -> transformers.
+
+    The tests above export what was imported, so an export mapping that undid a
+    matching import mistake would pass them; here nothing came from transformers.
+    Norm scales and biases are random too: init_model's are 1 and 0, which any
+    mapping exports correctly. (The abstract model is filled directly: init_model's
+    jitted initializer took 6 s per config to compile, for values replaced anyway.)
+    """
+    cfg = models.config_from_hf(HF_CONFIGS[name]())
+    model = randomize_imitax(models.abstract_model(cfg), seed=7)
+    out = convert.export_hf(model, tmp_path / "out")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_allclose(_torch_logits(reference), _logits(model), atol=TOL, rtol=0)
+    assert models.config_from_hf(reference.config) == cfg
+
+
+def test_qwen2_sliding_layers_survive_readers_without_layer_types(ckpt, tmp_path):
+    # Older readers derive the sliding layers from max_window_layers (slide iff i >= it).
+    out = convert.export_hf(ckpt["qwen2_sliding"], tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["full_attention", "sliding_attention"]
+    del config["layer_types"]
+    assert transformers.Qwen2Config.from_dict(config).layer_types == ["full_attention", "sliding_attention"]
+
+
+def test_v4_rope_scaling_spelling_reads_the_same(hf, tmp_path):
+    """transformers 4's ``rope_theta`` + ``rope_scaling: {type: linear}`` (as hub config.json files have it)."""
+    directory = _copy(hf, "llama_linear", tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    (directory / "config.json").write_text(json.dumps(config))
+    model = convert.load_hf(directory)
+    assert dict(model.cfg.rope_scaling) == {"rope_type": "linear", "factor": 4.0}
+    np.testing.assert_allclose(_logits(model), hf["llama_linear"][1], atol=TOL, rtol=0)
 
 
 def test_sharded_export_writes_an_index(ckpt, tmp_path):
@@ -234,6 +285,34 @@ def test_unknown_model_type(hf, tmp_path):
         convert.load_hf(directory)
     assert "'bert'" in str(e.value) and "config.json" in str(e.value)
     assert all(t in str(e.value) for t in models.SUPPORTED_MODEL_TYPES)
+
+
+# RoPE variants imitax does not implement, with the fields transformers' validation wants.
+UNSUPPORTED_ROPE = {
+    "yarn": dict(factor=4.0, original_max_position_embeddings=32),
+    "dynamic": dict(factor=2.0),
+    "longrope": dict(short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=32),
+}
+
+
+@pytest.mark.parametrize("rope_type", list(UNSUPPORTED_ROPE))
+def test_unsupported_rope_types_are_refused(hf, tmp_path, rope_type):
+    """Running such a model with plain RoPE would give wrong logits silently: it must be refused."""
+    rope = dict(rope_type=rope_type, rope_theta=10000.0, **UNSUPPORTED_ROPE[rope_type])
+    message = f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3)"
+    for name in ("llama", "qwen2", "gpt_neox"):
+        config = HF_CONFIGS[name]().to_dict()
+        v5 = {**config, "rope_parameters": rope}
+        v4 = {k: v for k, v in config.items() if k != "rope_parameters"}
+        v4.update(rope_theta=rope["rope_theta"], rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"})
+        for spelling in (v5, v4):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                models.config_from_hf(spelling)
+    directory = _copy(hf, "llama", tmp_path)
+    _edit_config(directory, rope_parameters=rope)
+    with pytest.raises(convert.ConversionError) as e:
+        convert.load_hf(directory)
+    assert str(e.value) == f"{directory / 'config.json'}: {message}"
 
 
 def test_missing_or_malformed_config(hf, tmp_path):

@@ -3,7 +3,10 @@
 Every exactness check uses one absolute tolerance on logits, :data:`ATOL`, which
 is never loosened: a failure means a real difference in the model code.
 The reference for a padded or packed row is each sequence run alone through
-transformers, so padding and packing have to be invisible to pass.
+transformers, so padding and packing have to be invisible to pass. Every
+weight, bias and norm parameter is random (tests/hf_models.py), and the
+architecture options (``OPTION_KINDS``: linear RoPE scaling, LLaMA's biases,
+Qwen2's per-layer sliding window) go through the same comparisons.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_models import FAMILIES, KINDS, VOCAB, hf_logits, tiny_pair, to_imitax
+from hf_models import FAMILIES, KINDS, OPTION_KINDS, VOCAB, hf_logits, tiny_hf_config, tiny_pair, to_imitax
 
 from imitax import models
 from imitax.convert import core
@@ -29,6 +32,7 @@ LENGTHS = (24, 17, 9)  # real tokens per row of the padded batches
 PACKING = ((10, 8, 6), (12, 7), (5, 19))
 PREFIX = 10  # tokens prefilled before the one-token-at-a-time decode
 CACHE_LEN = 32  # longer than LENGTH: unused cache slots must stay invisible
+ALL_KINDS = FAMILIES + OPTION_KINDS
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -84,7 +88,7 @@ def assert_close(actual, desired, what: str):
 # -- (a) padded batches --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_right_padded_batch_matches_each_sequence_alone(kind):
     torch_model, model = tiny_pair(kind)
     rows = [random_tokens(i, (n,)) for i, n in enumerate(LENGTHS)]
@@ -100,7 +104,7 @@ def test_right_padded_batch_matches_each_sequence_alone(kind):
         assert_close(out[i, : len(row)], hf_logits(torch_model, row[None])[0], f"{kind} row {i}")
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_left_padded_batch_matches_transformers(kind):
     torch_model, model = tiny_pair(kind)
     tokens, positions, segments, rows = left_padded_batch()
@@ -134,7 +138,7 @@ def packed_batch(seed: int = 0):
     return tokens, positions, segments, pieces
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_packed_rows_match_each_sequence_alone(kind):
     torch_model, model = tiny_pair(kind)
     tokens, positions, segments, pieces = packed_batch()
@@ -160,10 +164,10 @@ def test_packed_segments_do_not_see_each_other(kind):
 # -- (c) KV-cache decoding ----------------------------------------------------------------------
 
 VARIANTS = {"unrolled": {"scan_layers": False}, "remat_full": {"remat": "full"}}
-# The layer loop is the same code for every family; these two carry per-layer
-# constants through it (GPT-2's attention scale, Mistral's window).
-VARIANT_KINDS = ("gpt2", "mistral")
-CACHE_CASES = [(kind, "scan") for kind in FAMILIES] + [(k, v) for k in VARIANT_KINDS for v in VARIANTS]
+# The layer loop is the same code for every family; these carry per-layer
+# constants through it (GPT-2's attention scale, Mistral's window, Qwen2's per-layer window).
+VARIANT_KINDS = ("gpt2", "mistral", "qwen2_sliding")
+CACHE_CASES = [(kind, "scan") for kind in ALL_KINDS] + [(k, v) for k in VARIANT_KINDS for v in VARIANTS]
 
 
 @pytest.mark.parametrize("kind,variant", CACHE_CASES)
@@ -181,6 +185,55 @@ def test_cached_decoding_matches_full_forward(kind, variant):
     for i, row in enumerate(rows):
         ref = hf_logits(torch_model, row[None])[0]
         assert_close(stepwise[i, LENGTH - len(row) :], ref, f"{kind}/{variant} row {i} vs transformers")
+
+
+# -- the options are exercised ------------------------------------------------------------
+
+
+def _zero_biases(model):
+    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    flat = {p: np.zeros_like(v) if p.endswith("/bias") else v for p, v in core.flatten(params).items()}
+    assert any(p.endswith("/bias") for p in flat)
+    return core.model_from_params(model.cfg, core.unflatten(flat))
+
+
+# kind -> {what is wrong: the imitax model without it}. Each must move the logits far
+# beyond ATOL, or the comparisons with transformers above would not test the option.
+OPTIONS_OFF = {
+    "llama_linear": {"plain RoPE": lambda m: to_imitax(m, rope_scaling=None)},
+    "llama_bias": {"no biases": lambda m: _zero_biases(to_imitax(m))},
+    "mistral": {"no window": lambda m: to_imitax(m, sliding_window=None)},
+    "qwen2_sliding": {
+        "no window": lambda m: to_imitax(m, sliding_window=None, sliding_layers=None),
+        "window in every layer": lambda m: to_imitax(m, sliding_layers=None),
+        "window in layer 0 instead": lambda m: to_imitax(m, sliding_layers=(True, False)),
+    },
+}
+
+
+@pytest.mark.parametrize("kind", list(OPTIONS_OFF))
+def test_options_change_the_logits(kind):
+    torch_model, model = tiny_pair(kind)
+    tokens, positions, segments, _ = left_padded_batch(seed=3)
+    window = getattr(torch_model.config, "sliding_window", None)  # llama has none
+    assert window is None or window < max(LENGTHS)  # the window cuts the longer rows
+    ref = hf_logits(torch_model, tokens, attention_mask=segments.astype(np.int64), position_ids=positions)
+    real = segments == 1
+    assert_close(forward(model, tokens, positions, segments)[real], ref[real], kind)
+    for what, without in OPTIONS_OFF[kind].items():
+        err = np.abs(forward(without(torch_model), tokens, positions, segments)[real] - ref[real]).max()
+        assert err > 100 * ATOL, f"{kind} with {what}: only {err:.3g} from transformers"
+
+
+def test_qwen2_sliding_layers_follow_transformers_layer_types():
+    """transformers 5 decides which layers slide (``layer_types``); imitax must read the same flags."""
+    hf_config = tiny_hf_config("qwen2_sliding")
+    assert hf_config.layer_types == ["full_attention", "sliding_attention"]
+    _, model = tiny_pair("qwen2_sliding")
+    assert model.cfg.layer_windows() == (None, 5)
+    # use_sliding_window=False: transformers drops the window, and so must imitax.
+    off = models.config_from_hf({**hf_config.to_dict(), "use_sliding_window": False, "layer_types": None})
+    assert off.layer_windows() == (None, None)
 
 
 # -- (d) bfloat16 compute -------------------------------------------------------------------

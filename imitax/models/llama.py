@@ -125,14 +125,20 @@ class LlamaConfig(TransformerConfig):
         require(self.model_type == "qwen2", f"unknown model_type {self.model_type!r}")
         require(self.qkv_bias, "qwen2 has q/k/v biases")
         require(self.head_dim * self.num_heads == self.hidden_size, "qwen2 derives head_dim from hidden_size")
-        layer_types = None
+        layer_types, window_layers = None, {}
         if self.sliding_window is not None:
             flags = self.sliding_layers or (True,) * self.num_layers
             layer_types = ["sliding_attention" if f else "full_attention" for f in flags]
+            # Readers that predate layer_types (older transformers, other engines) slide
+            # layers i >= max_window_layers; say so where the flags have that form.
+            first = flags.index(True) if any(flags) else len(flags)
+            if all(flags[first:]):
+                window_layers = {"max_window_layers": first}
         return transformers.Qwen2Config(
             use_sliding_window=self.sliding_window is not None,
             sliding_window=self.sliding_window,
             layer_types=layer_types,
+            **window_layers,
             architectures=["Qwen2ForCausalLM"],
             **common,
         )
