@@ -1,4 +1,7 @@
-r"""The README's main command: a Hugging Face model in, imitax out, and back, exactly.
+r"""The conversion check: a Hugging Face model in, imitax out, and back, exactly.
+
+(The README's main command is the demo sweep, ``scripts/sweep.py --config=configs/demo.py``;
+this script is the smaller check of the conversion path that the README describes after it.)
 
 It builds a small LLaMA-style model on the spot (random weights, a BPE tokenizer
 trained here on a few sentences), saves it as a Hugging Face directory, converts
