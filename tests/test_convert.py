@@ -315,6 +315,14 @@ def test_unsupported_rope_types_are_refused(hf, tmp_path, rope_type):
     assert str(e.value) == f"{directory / 'config.json'}: {message}"
 
 
+def test_per_layer_overrides_are_refused(hf, tmp_path):
+    """transformers 5's ``per_layer_config`` (layers of different widths): a clear error, not a RuntimeError."""
+    directory = _copy(hf, "llama", tmp_path)
+    _edit_config(directory, per_layer_config={"1": {"intermediate_size": 96}})
+    with pytest.raises(convert.ConversionError, match=r"config\.json: per-layer config overrides \(per_layer_config\)"):
+        convert.load_hf(directory)
+
+
 def test_missing_or_malformed_config(hf, tmp_path):
     directory = _copy(hf, "gpt2", tmp_path)
     (directory / "config.json").write_text('{"model_type": "gpt2",')

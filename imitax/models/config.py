@@ -210,16 +210,25 @@ def hf_config_object(hf: Any):
     v5 spellings (``rope_theta``/``rope_scaling`` vs ``rope_parameters``) the same
     way the reference implementation reads them. Only configuration code is
     imported: no torch, and never ``trust_remote_code``.
-    """
-    if not isinstance(hf, Mapping):
-        return hf
-    from transformers import CONFIG_MAPPING
 
-    data = dict(hf)
-    model_type = data.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"unknown model_type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(data)
+    Raises:
+      ValueError: an unknown ``model_type``, or per-layer overrides (transformers'
+        ``per_layer_config``): imitax's stacked layers all share one config, and
+        transformers refuses to read such a field globally with a RuntimeError.
+    """
+    if isinstance(hf, Mapping):
+        from transformers import CONFIG_MAPPING
+
+        data = dict(hf)
+        model_type = data.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"unknown model_type {model_type!r}")
+        hf = CONFIG_MAPPING[model_type].from_dict(data)
+    if getattr(hf, "is_heterogeneous", False):
+        raise ValueError(
+            "per-layer config overrides (per_layer_config) are not supported: every layer must have the same shape"
+        )
+    return hf
 
 
 def hf_activation(name: str) -> str:
