@@ -1,24 +1,29 @@
-"""The READMEs name only what exists, and their Python examples run.
+"""The docs name only what exists, and the README's Python examples run.
 
-README.md and benchmarks/README.md are parsed: their fenced ``bash`` blocks and their inline
-`code` spans. What they name is checked against the code itself, not against a list kept here:
+README.md, benchmarks/README.md, docs/design.md and docs/study.md are parsed: their fenced
+``bash`` blocks and their inline `code` spans. What they name is checked against the code itself,
+not against a list kept here:
 
 - every repository path (``scripts/...``, ``configs/...``, ``tests/data/...``, ``docs/...``, ...;
-  in benchmarks/README.md also its own ``results/`` and bare ``*_benchmark.py`` names) exists,
-  and every markdown link target and ``#anchor`` resolves;
+  in benchmarks/README.md also its own ``results/`` and bare ``*_benchmark.py`` names; in a table
+  row whose first cell is a path, the row's bare file names as that directory's) exists, and
+  every markdown link target and ``#anchor`` resolves;
 - every ``--flag`` after a script is a flag that script defines: each script is executed once,
   with ``absl.app.run`` made a no-op, in one subprocess, and the absl flags it defined are read;
 - every ``--config.a.b`` override is a key of the config the command loads (its ``--config=FILE:ARG``
   or the script's default config file), loaded through ml_collections' own config-file parser;
 - every ``configs/X.py:ARG`` loads (the configs refuse arguments they do not know);
 - inline flags written on their own (`--num_fewshot`, `--config.seq_len`) belong to a script, or
-  a config, that a command of the same ``##`` section runs;
+  a config, that a command of the same ``##`` section runs (in a section that runs none, one
+  that the docs run somewhere);
+- fully qualified ``imitax.a.b`` names resolve;
 - ``pip install '.[EXTRA]'`` names an extra of pyproject.toml.
 
 The placeholder rule: a path component or config-key component written in capitals (``DIR``,
-``CKPT``, ``HF_DIR``, ``NAME.py``, ``FIELD``) or in angle brackets (``<step>``) stands for the
-reader's own value: it and what follows it are not checked, but what precedes it must exist
-(so ``configs/sweeps/NAME.py`` still needs ``configs/sweeps/``). Absolute paths, URLs and paths
+``CKPT``, ``HF_DIR``, ``NAME.py``, ``FIELD``), in angle brackets (``<step>``) or as ``...``
+stands for the reader's own value (so does such a value in ``configs/X.py:model=...``): it and
+what follows it are not checked, but what precedes it must exist (so ``configs/sweeps/NAME.py``
+still needs ``configs/sweeps/``). Absolute paths, URLs and paths
 outside the repository's own directories (``/weights/...``, ``gs://...``, ``out/demo``) are the
 reader's and are not checked.
 
@@ -46,7 +51,7 @@ import train_helpers as th
 from ml_collections.config_flags import config_flags
 
 ROOT = th.ROOT
-DOCS = ("README.md", "benchmarks/README.md")
+DOCS = ("README.md", "benchmarks/README.md", "docs/design.md", "docs/study.md")
 # The repository's own top-level directories: a path starting with one of them must exist.
 REPO_DIRS = ("scripts", "benchmarks", "configs", "tests", "docs", "imitax", ".ci")
 SCRIPT_DIRS = ("scripts", "benchmarks")
@@ -110,6 +115,30 @@ def script_of(token: str, doc_dir: pathlib.Path) -> str | None:
     if rel is None or rel.parts[0] not in SCRIPT_DIRS:
         return None
     return rel.as_posix()
+
+
+def _row_base(prose: str, offset: int) -> str | None:
+    """In a table row whose first cell is a path (`imitax/data/`, `imitax/models/gpt2.py`), its directory.
+
+    Layout tables name files relative to the row's directory (`| imitax/data/ | formats.py ... |`);
+    those names are checked as that directory's.
+    """
+    line = prose[prose.rfind("\n", 0, offset) + 1 : prose.find("\n", offset)]
+    first = re.match(r"\s*\|\s*`([^`]+)`", line)
+    if not first or first.group(1).startswith("-") or "/" not in first.group(1):
+        return None
+    path = first.group(1).split()[0].rstrip(",")
+    return path if path.endswith("/") else path.rsplit("/", 1)[0] + "/"
+
+
+def _in_row(word: str, base: str | None) -> str:
+    """``word`` as a path of the row's directory, when it is a relative file or directory name."""
+    name = _strip(word)
+    if base is None or name.startswith(("-", "/", ".")) or name.split("/")[0] in REPO_DIRS:
+        return word
+    if name.endswith(".py") or (name.endswith("/") and re.fullmatch(r"[\w/]+", name)):
+        return base + name
+    return word
 
 
 def parse_command_line(line: str, doc_dir: pathlib.Path, where: str) -> tuple[list[Command], list[str]]:
@@ -196,7 +225,8 @@ def parse_doc(path: pathlib.Path) -> tuple[str, list[Section], list[tuple[str, s
             elif span.startswith("--"):
                 section.flag_spans.append((span, where))
                 continue
-            section.words += [(w, where) for w in words]
+            base = _row_base(prose, m.start())
+            section.words += [(_in_row(w, base), where) for w in words]
         section.scripts = {c.script for c in section.commands}
     return text, sections, links, python_blocks
 
@@ -330,6 +360,88 @@ def path_problem(token: str, doc_dir: pathlib.Path) -> str | None:
     return None
 
 
+def _all_flags(sections: list[Section]) -> dict[str, dict[str, str | None]]:
+    return script_flags(_runnable({c.script for s in sections for c in s.commands} | _docs_scripts()))
+
+
+def config_spec_problem(spec: str, doc_dir: pathlib.Path) -> tuple[object | None, str | None]:
+    """``(ConfigDict, None)`` for a ``configs/X.py[:ARG]`` that loads, else ``(None, why not or None)``."""
+    path, _, arg = spec.partition(":")
+    if any(is_placeholder(p) for p in path.split("/")):
+        return None, path_problem(path, doc_dir)
+    if any(is_placeholder(item.partition("=")[2]) for item in arg.split(",") if "=" in item):
+        return None, None  # configs/paper/finetune.py:model=NAME: the reader picks the value
+    try:
+        return load_config(spec), None
+    except Exception as e:  # noqa: BLE001 - any failure to load is the doc's problem to report
+        message = str(e).strip().splitlines()[-1]
+        return None, f"--config={spec} does not load: {type(e).__name__}: {message}"
+
+
+def check_command(command: Command, flags, doc_dir: pathlib.Path, problems: list[str]) -> dict[str, list]:
+    """Checks one command's script, flags, paths, config and overrides; returns ``{config flag: [configs]}``."""
+    where = f"{command.where} ({command.script})"
+    if not command.script.startswith("-m ") and (problem := path_problem(command.script, doc_dir)):
+        problems.append(f"{command.where}: {problem}")
+        return {}
+    if command.script.startswith("-m ") and not _repo_module(command.script):
+        problems.append(f"{where}: no module {command.script[3:]} in the repository")
+        return {}
+    if command.script not in flags:
+        problems.append(f"{where}: no such script")
+        return {}
+    defined, common = flags[command.script], flags["(common)"]
+    config_specs = {name: default for name, default in defined.items() if default is not None}
+    overrides = []
+    for arg in command.args:
+        arg = _strip(arg)
+        if not arg.startswith("--"):
+            if problem := path_problem(arg, doc_dir):
+                problems.append(f"{where}: {problem}")
+            continue
+        name, _, value = arg[2:].partition("=")
+        head = name.split(".")[0]
+        if "." in name and head in config_specs:
+            overrides.append((head, name.split(".", 1)[1]))
+        elif name in defined or name in common or (name.startswith("no") and name[2:] in defined):
+            if name in config_specs:
+                config_specs[name] = value
+        else:
+            problems.append(f"{where}: --{name} is not a flag of {command.script}")
+            continue
+        if name not in config_specs:
+            for piece in value.split(","):
+                if problem := path_problem(piece, doc_dir):
+                    problems.append(f"{where}: {problem}")
+    configs: dict[str, list] = {}
+    for flag, spec in config_specs.items():
+        if not spec:
+            continue
+        config, problem = config_spec_problem(spec, doc_dir)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        if config is None:
+            continue
+        configs.setdefault(flag, []).append(config)
+        for head, key in overrides:
+            if head == flag and (problem := config_key_problem(config, key)):
+                problems.append(f"{where}: --{flag}.{key}: {problem} (in {spec})")
+    return configs
+
+
+@functools.cache
+def _docs_context() -> tuple[frozenset[str], dict[str, list]]:
+    """The scripts the checked docs run and the configs they load: where a section runs none of its own."""
+    configs: dict[str, list] = {}
+    for doc in DOCS:
+        sections = parse_doc(ROOT / doc)[1]
+        for command in (c for s in sections for c in s.commands):
+            found = check_command(command, _all_flags(sections), (ROOT / doc).parent, [])
+            for flag, loaded in found.items():
+                configs.setdefault(flag, []).extend(loaded)
+    return _docs_scripts(), configs
+
+
 def check_doc(path: pathlib.Path) -> list[str]:
     """Every problem of one doc, as ``'FILE:LINE: what'`` lines."""
     text, sections, links, _ = parse_doc(path)
@@ -347,87 +459,36 @@ def check_doc(path: pathlib.Path) -> list[str]:
         elif not (doc_dir / target.split("#")[0]).exists():
             problems.append(f"{where}: link target {target} does not exist")
 
-    flags = script_flags(_runnable({c.script for s in sections for c in s.commands} | _docs_scripts()))
-    common = flags["(common)"]
-
-    def check_config_spec(spec: str, where: str):
-        """Loads ``configs/X.py[:ARG]``; returns the ConfigDict or None (a problem was recorded)."""
-        path = spec.partition(":")[0]
-        if any(is_placeholder(p) for p in path.split("/")):
-            if problem := path_problem(path, doc_dir):
-                problems.append(f"{where}: {problem}")
-            return None
-        try:
-            return load_config(spec)
-        except Exception as e:  # noqa: BLE001 - any failure to load is the doc's problem to report
-            message = str(e).strip().splitlines()[-1]
-            problems.append(f"{where}: --config={spec} does not load: {type(e).__name__}: {message}")
-            return None
-
+    flags = _all_flags(sections)
     for section in sections:
         section_configs: dict[str, list] = {}  # config flag name -> configs its commands load
         for command in section.commands:
-            where = f"{command.where} ({command.script})"
-            if not command.script.startswith("-m ") and (problem := path_problem(command.script, doc_dir)):
-                problems.append(f"{command.where}: {problem}")
-                continue
-            if command.script.startswith("-m ") and not _repo_module(command.script):
-                problems.append(f"{where}: no module {command.script[3:]} in the repository")
-                continue
-            if command.script not in flags:
-                problems.append(f"{where}: no such script")
-                continue
-            defined = flags[command.script]
-            config_specs = {name: default for name, default in defined.items() if default is not None}
-            overrides = []
-            for arg in command.args:
-                arg = _strip(arg)
-                if not arg.startswith("--"):
-                    if problem := path_problem(arg, doc_dir):
-                        problems.append(f"{where}: {problem}")
-                    continue
-                name, _, value = arg[2:].partition("=")
-                head = name.split(".")[0]
-                if "." in name and head in config_specs:
-                    overrides.append((head, name.split(".", 1)[1]))
-                elif name in defined or name in common or (name.startswith("no") and name[2:] in defined):
-                    if name in config_specs:
-                        config_specs[name] = value
-                else:
-                    problems.append(f"{where}: --{name} is not a flag of {command.script}")
-                    continue
-                if name not in config_specs:
-                    for piece in value.split(","):
-                        if problem := path_problem(piece, doc_dir):
-                            problems.append(f"{where}: {problem}")
-            for flag, spec in config_specs.items():
-                config = check_config_spec(spec, where) if spec else None
-                if config is None:
-                    continue
-                section_configs.setdefault(flag, []).append(config)
-                for head, key in overrides:
-                    if head == flag and (problem := config_key_problem(config, key)):
-                        problems.append(f"{where}: --{flag}.{key}: {problem} (in {spec})")
+            for flag, loaded in check_command(command, flags, doc_dir, problems).items():
+                section_configs.setdefault(flag, []).extend(loaded)
 
-        # Flags named on their own belong to a script, or a config, of the section's commands.
+        # Flags named on their own belong to a script, or a config, of the section's commands; in
+        # a section that runs no script (or loads no config), to one that the docs run somewhere.
+        scripts = section.scripts or _docs_context()[0]
+        configs = section_configs or _docs_context()[1]
         for span, where in section.flag_spans:
             for token in span.split():
                 if not token.startswith("--"):
                     continue
                 name = _strip(token)[2:].partition("=")[0].split("\\")[0]
                 head, _, key = name.partition(".")
-                if key and head in section_configs:
-                    found = [config_key_problem(c, key) for c in section_configs[head]]
-                    if all(found):
-                        problems.append(f"{where}: --{name}: {found[0]}")
-                elif not any(name in flags.get(s, {}) for s in section.scripts) and name not in common:
-                    named = ", ".join(sorted(section.scripts)) or "none"
+                if key and head in configs:
+                    found = [config_key_problem(c, key) for c in configs[head]]
+                    if all(found):  # the message of the config that matched the longest prefix
+                        problems.append(f"{where}: --{name}: {max(found, key=lambda p: len(p.split(';')[0]))}")
+                elif not any(name in flags.get(s, {}) for s in scripts) and name not in flags["(common)"]:
+                    named = ", ".join(sorted(scripts))
                     problems.append(f"{where}: --{name} is not a flag of the section's scripts ({named})")
 
         for word, where in section.words:
             word = _strip(word)
             if re.fullmatch(r"configs/[\w/]+\.py:\S+", word):
-                check_config_spec(word, where)
+                if problem := config_spec_problem(word, doc_dir)[1]:
+                    problems.append(f"{where}: {problem}")
             elif re.fullmatch(r"imitax(\.\w+)+(\(.*\))?", word):
                 if problem := python_name_problem(word.split("(")[0]):
                     problems.append(f"{where}: {problem}")
