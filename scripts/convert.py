@@ -40,8 +40,9 @@ _release_freed_memory()
 
 from absl import app, flags, logging  # noqa: E402
 
-from imitax import convert  # noqa: E402
+from imitax import convert, xla_backend  # noqa: E402
 
+xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before JAX starts
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to convert.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (an imitax checkpoint, or with --export an HF directory).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype (default: the checkpoint's).")

@@ -30,6 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from absl import app, flags, logging  # noqa: E402
 
+from imitax import xla_backend  # noqa: E402
+
+xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before main() imports JAX
 _MODEL = flags.DEFINE_string("model", None, "imitax checkpoint, training workdir or Hugging Face model directory.")
 _TASKS = flags.DEFINE_list("tasks", ["mmlu", "nq_open", "humaneval"], "Comma-separated task names.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results.json and samples_<task>.jsonl go.")

@@ -12,6 +12,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imitax import xla_backend
+
+xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before main() imports JAX
 config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/demo.py, configs/paper/...).")
 flags.DEFINE_string("workdir", None, "Where the cells, results and plots go (local path or gs://).", required=True)
 flags.DEFINE_bool("report_only", False, "Only redraw results/ (table, plots) from the finished cells.")
