@@ -29,17 +29,13 @@ cell together on the global mesh, and process 0 writes the records.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
-import hashlib
 import io
 import json
 import math
 import os
 import pathlib
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 import traceback
@@ -52,7 +48,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from imitax import convert
+from imitax import convert, records
 from imitax.train import config as train_config
 
 __all__ = [
@@ -65,7 +61,6 @@ __all__ = [
     "validate",
 ]
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Top-level config fields that do not change what any cell computes (a rerun may change them).
 UNGUARDED_FIELDS = ("report", "teacher", "teacher_file", "compilation_cache")
 CELL_FILE = "cell.json"
@@ -460,32 +455,13 @@ def _teacher_scores(config: ml_collections.ConfigDict) -> dict[str, float]:
 # -- the workdir's records ----------------------------------------------------------------------------
 
 
-def _write_json(path: epath.Path, data: Any) -> None:
-    """Writes ``data`` as JSON through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-
-
-def _read_json(path: epath.Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _fingerprint(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _guarded(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in UNGUARDED_FIELDS}
 
 
 def _check_workdir(config, workdir: epath.Path, allow_config_change: bool) -> None:
     """Refuses a workdir that belongs to a sweep with a different config (unless allowed)."""
-    saved = _read_json(workdir / "sweep_config.json")
+    saved = records.read_json(workdir / "sweep_config.json")
     current = json.loads(config.to_json_best_effort())
     if saved is not None:
         old, new = _guarded(saved), _guarded(current)
@@ -497,7 +473,7 @@ def _check_workdir(config, workdir: epath.Path, allow_config_change: bool) -> No
                 "are unchanged and run the others"
             )
     if jax.process_index() == 0:
-        _write_json(workdir / "sweep_config.json", current)
+        records.write_json(workdir / "sweep_config.json", current)
 
 
 def _barrier(name: str) -> None:
@@ -505,46 +481,6 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def provenance() -> dict[str, Any]:
-    """Where results came from: git revision, package versions, devices, host, time."""
-    from importlib import metadata
-
-    versions = {}
-    for package in ("imitax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    devices = jax.devices()
-    return {
-        "git_revision": _git_revision(),
-        "packages": versions,
-        "python": platform.python_version(),
-        "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices)},
-        "processes": jax.process_count(),
-        "host": platform.node(),
-        "time": _now(),
-    }
 
 
 # -- running ------------------------------------------------------------------------------------------
@@ -595,8 +531,8 @@ def _pretrain(config, workdir: epath.Path, model: str, log) -> None:
     path = workdir / "base" / model
     done = path / "pretrained.json"
     spec = config.base_models[model].pretrain
-    fingerprint = _fingerprint(spec.to_dict())
-    record = _read_json(done)
+    fingerprint = records.fingerprint(spec.to_dict())
+    record = records.read_json(done)
     if record is not None and record.get("fingerprint") == fingerprint:
         return
     train = ml_collections.ConfigDict(spec.to_dict())
@@ -608,7 +544,7 @@ def _pretrain(config, workdir: epath.Path, model: str, log) -> None:
     if result.get("preempted"):
         raise _Preempted()
     if jax.process_index() == 0:
-        _write_json(done, {"fingerprint": fingerprint, "seconds": time.perf_counter() - start, "result": result})
+        records.write_json(done, {"fingerprint": fingerprint, "seconds": time.perf_counter() - start, "result": result})
     _barrier(f"imitax_pretrained_{model}")
     log(f"pretrained {model} in {time.perf_counter() - start:.0f} s (loss {result.get('loss', float('nan')):.3f})")
 
@@ -650,10 +586,6 @@ def _evaluate(config, cell: Cell, model_path: epath.Path, out: epath.Path) -> di
     return {"metrics": metrics, "stderr": stderr, "n": counts}
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
 def _new_record(cell: Cell, fingerprint: str, **fields) -> dict[str, Any]:
     """A cell's ``cell.json``: what the cell is, then ``fields`` (status, timings, metrics or error)."""
     record = {"id": cell.id, "fingerprint": fingerprint, **dataclasses.asdict(cell)}
@@ -664,11 +596,11 @@ def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict
     from imitax.train import loop
 
     cell_dir = _cell_dir(workdir, cell)
-    record = _new_record(cell, fingerprint, status="running", started=_now())
-    previous = _read_json(cell_dir / CELL_FILE) or {}
+    record = _new_record(cell, fingerprint, status="running", started=records.now())
+    previous = records.read_json(cell_dir / CELL_FILE) or {}
     changed = previous.get("fingerprint") not in (None, fingerprint)
     if jax.process_index() == 0:
-        _write_json(cell_dir / CELL_FILE, record)
+        records.write_json(cell_dir / CELL_FILE, record)
     if cell.source is None:
         model_path = _base_path(config, workdir, cell.model)
         record["train"] = None
@@ -686,7 +618,7 @@ def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict
     record["eval_seconds"] = time.perf_counter() - start
     record["params"] = _count_params(str(_base_path(config, workdir, cell.model)))
     record["status"] = "done"
-    record["finished"] = _now()
+    record["finished"] = records.now()
     return record
 
 
@@ -695,8 +627,8 @@ def _build_world(config, workdir: epath.Path, log) -> None:
 
     out = workdir / "world"
     settings = config.world.to_dict()
-    fingerprint = _fingerprint(settings)
-    record = _read_json(out / "built.json")
+    fingerprint = records.fingerprint(settings)
+    record = records.read_json(out / "built.json")
     if record is not None and record.get("fingerprint") == fingerprint:
         return
     if jax.process_index() == 0:
@@ -707,7 +639,7 @@ def _build_world(config, workdir: epath.Path, log) -> None:
         except (TypeError, ValueError) as e:
             raise SweepError(f"world: {e}") from None
         summary = world.build(world_config, str(out))
-        _write_json(out / "built.json", {"fingerprint": fingerprint, "summary": summary})
+        records.write_json(out / "built.json", {"fingerprint": fingerprint, "summary": summary})
         log(f"generated the synthetic world in {out}")
     _barrier("imitax_world_built")
 
@@ -746,8 +678,8 @@ def run(
     done_seconds, failed, ran = [], [], 0
     for i, cell in enumerate(cells, start=1):
         cell_dir = _cell_dir(workdir, cell)
-        fingerprint = _fingerprint(_cell_settings(config, workdir, cell))
-        record = _read_json(cell_dir / CELL_FILE)
+        fingerprint = records.fingerprint(_cell_settings(config, workdir, cell))
+        record = records.read_json(cell_dir / CELL_FILE)
         if record and record.get("status") == "done" and record.get("fingerprint") == fingerprint:
             log(f"[{i}/{len(cells)}] {cell.id}: finished earlier, kept")
             continue
@@ -764,14 +696,14 @@ def run(
                 cell, fingerprint, status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()
             )
             if jax.process_index() == 0:
-                _write_json(cell_dir / CELL_FILE, record)
+                records.write_json(cell_dir / CELL_FILE, record)
             failed.append(cell.id)
             log(f"[{i}/{len(cells)}] {cell.id}: FAILED: {record['error']}")
             if stop_on_error:
                 raise SweepError(f"cell {cell.id} failed: {record['error']} (details in {cell_dir / CELL_FILE})") from e
             continue
         if jax.process_index() == 0:
-            _write_json(cell_dir / CELL_FILE, record)
+            records.write_json(cell_dir / CELL_FILE, record)
         _barrier(f"imitax_cell_{i}")
         ran += 1
         seconds = time.perf_counter() - t0
@@ -814,7 +746,7 @@ def load_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     root = epath.Path(workdir) / "cells"
     if not root.exists():
         return []
-    return [r for r in (_read_json(p) for p in walk(root)) if r is not None]
+    return [r for r in (records.read_json(p) for p in walk(root)) if r is not None]
 
 
 def _metric_names(records: Sequence[dict[str, Any]], config) -> list[str]:
@@ -883,16 +815,16 @@ def report(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None 
 
     workdir = epath.Path(workdir)
     if config is None:
-        saved = _read_json(workdir / "sweep_config.json")
+        saved = records.read_json(workdir / "sweep_config.json")
         if saved is None:
             raise SweepError(f"{workdir} holds no sweep (no sweep_config.json): run the sweep first")
         config = default_config()
         with config.unlocked():
             config.update(ml_collections.ConfigDict(saved))
         config = _resolved(config, workdir)
-    records = load_records(workdir)
-    metrics = _metric_names(records, config)
-    rows = table_rows(records, metrics)
+    cell_records = load_records(workdir)
+    metrics = _metric_names(cell_records, config)
+    rows = table_rows(cell_records, metrics)
     out = workdir / "results"
     out.mkdir(parents=True, exist_ok=True)
     columns = ["model", "params", "source", "budget", "tokens", "seeds", *metrics]
@@ -901,7 +833,7 @@ def report(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None 
     writer.writeheader()
     writer.writerows(rows)
     (out / "results.csv").write_text(buffer.getvalue())
-    failed = [r for r in records if r.get("status") == "failed"]
+    failed = [r for r in cell_records if r.get("status") == "failed"]
     lines = [
         f"# Sweep {config.name!r}",
         "",
@@ -915,7 +847,9 @@ def report(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None 
     if failed:
         lines += ["", "Failed cells:", *(f"- {r['id']}: {r.get('error')}" for r in failed)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    _write_json(out / "provenance.json", {"config": json.loads(config.to_json_best_effort()), **provenance()})
+    records.write_json(
+        out / "provenance.json", {"config": json.loads(config.to_json_best_effort()), **records.provenance()}
+    )
     from imitax import plots
 
     plot_dir = out / "plots"

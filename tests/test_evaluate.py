@@ -145,7 +145,7 @@ def test_a_crash_leaves_no_results_json_and_no_partial_file(tmp_path, monkeypatc
     assert len(read_jsonl(out / "samples_multiple_choice.jsonl")) == 4
     # An interrupted write leaves the old file as it was.
     (out / "results.json").write_text('{"old": true}')
-    monkeypatch.setattr(evaluator, "_dumps", lambda value, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(evaluator.records, "dumps", lambda value, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         evaluator.evaluate(FakeLM(), {"multiple_choice": config["multiple_choice"]}, out, progress=False)
     assert json.loads((out / "results.json").read_text()) == {"old": True}

@@ -33,30 +33,20 @@ run every process evaluates, and only process 0 writes files.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import importlib.metadata
 import inspect
-import json
-import math
 import os
 import pathlib
-import platform
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
+from imitax import records
 from imitax.eval import tasks as task_registry
 
-__all__ = ["RESULTS_FILE", "build_tasks", "evaluate", "provenance", "samples_file", "validate_tasks"]
+__all__ = ["RESULTS_FILE", "build_tasks", "evaluate", "samples_file", "validate_tasks"]
 
 RESULTS_FILE = "results.json"
-_PACKAGES = ("imitax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers", "datasets")
 
 
 def samples_file(output_dir: str | os.PathLike, task: str) -> pathlib.Path:
@@ -160,103 +150,6 @@ def _check_generation_lengths(lm, built: Mapping[str, Any]) -> None:
             )
 
 
-# -- provenance -----------------------------------------------------------------------------------
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _git_revision() -> dict[str, Any] | None:
-    """The commit of the imitax source tree and whether it has local changes (None outside a git checkout)."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"revision": head, "dirty": bool(status.strip())}
-
-
-def provenance() -> dict[str, Any]:
-    """Package versions, Python, the devices and the git revision of the code doing the evaluation."""
-    import jax
-
-    packages = {}
-    for name in _PACKAGES:
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    kinds: dict[str, int] = {}
-    for device in jax.devices():
-        kinds[device.device_kind] = kinds.get(device.device_kind, 0) + 1
-    return {
-        "packages": packages,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "devices": {
-            "backend": jax.default_backend(),
-            "count": jax.device_count(),
-            "local_count": jax.local_device_count(),
-            "process_count": jax.process_count(),
-            "kinds": kinds,
-        },
-        "git": _git_revision(),
-    }
-
-
-# -- files ----------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as strict JSON data: ``nan``/``inf`` -> None, numpy scalars -> Python, paths -> str."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    return str(value)
-
-
-def _write_atomic(path: pathlib.Path, lines: Iterable[str]) -> None:
-    """Writes ``lines`` to a temporary file next to ``path``, flushes it to disk and renames it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _dumps(value: Any, **kwargs) -> str:
-    return json.dumps(_jsonable(value), ensure_ascii=False, allow_nan=False, **kwargs)
-
-
 # -- the evaluation -------------------------------------------------------------------------------
 
 
@@ -288,7 +181,7 @@ def evaluate(
     """
     import jax
 
-    started, start = _now(), time.perf_counter()
+    started, start = records.now(), time.perf_counter()
     tasks = _plain(tasks)
     built = build_tasks(tasks)
     _check_generation_lengths(lm, built)
@@ -305,20 +198,25 @@ def evaluate(
         seconds = time.perf_counter() - task_start
         entry = result.to_dict(samples=False)
         entry["info"] = {**entry.get("info", {}), "seconds": seconds}
-        results[name] = _jsonable(entry)
+        results[name] = records.jsonable(entry)
         if writer:
-            _write_atomic(samples_file(out_dir, name), (_dumps(s) + "\n" for s in result.samples))
+            records.write_lines(samples_file(out_dir, name), (records.dumps(s) + "\n" for s in result.samples))
         if progress:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(result.metrics.items())[:6])
             print(f"[{i}/{len(built)}] {name}: {shown} (n={result.n}, {seconds:.1f} s)", file=sys.stderr, flush=True)
     output = {
         "results": results,
-        "config": _jsonable({name: dict(config) for name, config in tasks.items()}),
-        "model": _jsonable(dict(model_info) if model_info is not None else None),
-        "provenance": _jsonable(
-            {**provenance(), "started": started, "finished": _now(), "seconds": time.perf_counter() - start}
+        "config": records.jsonable({name: dict(config) for name, config in tasks.items()}),
+        "model": records.jsonable(dict(model_info) if model_info is not None else None),
+        "provenance": records.jsonable(
+            {
+                **records.provenance(),
+                "started": started,
+                "finished": records.now(),
+                "seconds": time.perf_counter() - start,
+            }
         ),
     }
     if writer:
-        _write_atomic(out_dir / RESULTS_FILE, [_dumps(output, indent=2) + "\n"])
+        records.write_lines(out_dir / RESULTS_FILE, [records.dumps(output, indent=2) + "\n"])
     return output

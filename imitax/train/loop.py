@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from imitax import convert, models, sharding
+from imitax import convert, models, records, sharding
 from imitax.data import DataConfig, PackedBatches, build_datasets
 from imitax.train import checkpointing, metrics, optim
 from imitax.train import config as train_config
@@ -89,9 +89,7 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
 def _record_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """Writes ``run_config.json`` atomically (a rerun's check compares against it)."""
     if jax.process_index() == 0:
-        tmp = workdir / f"{RUN_CONFIG}.tmp"
-        tmp.write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
-        tmp.replace(workdir / RUN_CONFIG)  # epath's rename() refuses an existing target; a rerun has one
+        records.write_json(workdir / RUN_CONFIG, json.loads(config.to_json()))
 
 
 def _resolve_init(init_from: str) -> tuple[str, epath.Path]:
