@@ -57,7 +57,7 @@ REPO_DIRS = ("scripts", "benchmarks", "configs", "tests", "docs", "imitax", ".ci
 SCRIPT_DIRS = ("scripts", "benchmarks")
 SHELL_OPERATORS = {"&&", "||", ";", "|"}
 # The paths of the README's Python examples, and what the test puts in their place.
-EXAMPLE_PATHS = ("/tmp/run_eval", "/tmp/run", "path/to/hf_dir")
+EXAMPLE_PATHS = ("/tmp/my_run_eval", "/tmp/my_run", "/tmp/run_eval", "/tmp/run", "path/to/hf_dir")
 
 
 # -- parsing ----------------------------------------------------------------------------------------
@@ -558,7 +558,13 @@ def tiny_model_dirs(tmp_path_factory):
     tokenizer = ROOT / "tests" / "data" / "tokenizer"
     ckpt = convert.save_checkpoint(root / "ckpt", model, tokenizer_dir=tokenizer)
     hf_dir = convert.export_hf(model, root / "hf", tokenizer_dir=tokenizer)
-    return {"/tmp/run": ckpt, "path/to/hf_dir": hf_dir, "/tmp/run_eval": root / "eval"}
+    return {
+        "/tmp/run": ckpt,
+        "path/to/hf_dir": hf_dir,
+        "/tmp/run_eval": root / "eval",
+        "/tmp/my_run": root / "my_run",  # the training example's workdir: made by the example
+        "/tmp/my_run_eval": root / "my_eval",
+    }
 
 
 def test_readme_python_examples_run(tiny_model_dirs, monkeypatch):
@@ -585,6 +591,10 @@ def test_readme_python_examples_run(tiny_model_dirs, monkeypatch):
             assert 0 <= out["results"]["mmlu"]["metrics"]["acc"] <= 1
             assert "exact_match" in out["results"]["nq_open"]["metrics"]
             assert (tiny_model_dirs["/tmp/run_eval"] / "results.json").is_file()
+        if "result" in namespace:  # the training example: it trained, then scored its own run
+            assert namespace["result"]["step"] == 20 and np.isfinite(namespace["result"]["loss"])
+            assert 0 <= namespace["scores"]["results"]["mmlu"]["metrics"]["acc"] <= 1
+            assert (tiny_model_dirs["/tmp/my_run_eval"] / "results.json").is_file()
         if "new_tokens" in namespace:
             tokens_bt, logits = np.asarray(namespace["tokens_bt"]), np.asarray(namespace["logits"])
             assert logits.dtype == np.float32 and logits.shape == (*tokens_bt.shape, th.MODEL_VOCAB)
