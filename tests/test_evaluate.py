@@ -295,7 +295,7 @@ def test_script_end_to_end(hf_dir, gpt2_dir, tmp_path):
     want = {
         "unknown": f"evaluate.py: error: unknown task(s) nq_closed; known tasks: {', '.join(tasks.names())}",
         "data": f"evaluate.py: error: {tmp_path / 'nq.jsonl'}: no such NQ-open data file. Supply local files",
-        "model": f"evaluate.py: error: {tmp_path} is not a model directory. Accepted: an imitax checkpoint",
+        "model": f"evaluate.py: error: model: {tmp_path} is not a model directory; expected an imitax checkpoint",
         "style": "evaluate.py: error: task 'style' needs --style_file=FILE",
         "bos_value": "evaluate.py: error: --add_bos_token must be true or false (or unset: the tokenizer's "
         "default), got 'yes'",

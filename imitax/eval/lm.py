@@ -103,10 +103,11 @@ class LM:
         path = pathlib.Path(path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such model directory")
-        if (path / "config.json").is_file():
+        kind = convert.require_model_kind(path, where="model")  # the one resolver of model paths
+        if kind == "hf":
             model = convert.load_hf(path, mesh=mesh, dtype=dtype)
             tokenizer_dir = path
-        elif _is_checkpoint(path):
+        else:
             model = convert.load_checkpoint(path, mesh=mesh, dtype=dtype)
             tokenizer_dir = convert.tokenizer_dir(path)
             if tokenizer_dir is None:
@@ -114,12 +115,6 @@ class LM:
                     f"{path} has no tokenizer (looked for tokenizer/ in the checkpoint and in the training "
                     "workdir): re-create the checkpoint with scripts/convert.py, which copies it"
                 )
-        else:
-            raise ValueError(
-                f"{path} is not a model directory. Accepted: an imitax checkpoint (params/ and model_config/), "
-                "a training workdir (checkpoints/<step>/ written by scripts/train.py), or a Hugging Face model "
-                "directory (config.json and model.safetensors)"
-            )
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
         return cls(model, tokenizer, mesh=mesh, **kwargs)
 
@@ -229,13 +224,3 @@ class LM:
             "top_k": int(kwargs.get("top_k", 0)),
             "seed": int(kwargs.get("seed", 0)),
         }
-
-
-def _is_checkpoint(path: pathlib.Path) -> bool:
-    """An imitax checkpoint directory, or a training workdir (which must hold a finished step)."""
-    if (path / "params").is_dir() and (path / "model_config").is_dir():
-        return True
-    if (path / "checkpoints").is_dir():
-        convert.resolve(path)  # Raises, saying so, when no step has finished yet.
-        return True
-    return False
