@@ -161,7 +161,7 @@ def test_paper_sweep_passes_the_sweeps_validation(stand_ins, tmp_path):
     nq_budgets = {c.budget for c in cells if c.source == "nq_synthetic"}
     assert nq_budgets == set(load("configs/paper/sweep.py").data_sources.nq_synthetic.token_budgets.split(","))
     # Each model's own row length: GPT-2's 1,024 learned positions, LLaMA's 2,048.
-    cell_configs = {c.model: sweep._cell_train_config(config, tmp_path, c) for c in cells if c.source}
+    cell_configs = {c.model: sweep.cell_train_config(config, tmp_path, c) for c in cells if c.source}
     assert cell_configs["gpt2_xl"].seq_len == 1024
     assert cell_configs["llama_7b"].seq_len == cell_configs["llama_13b"].seq_len == 2048
 
@@ -224,7 +224,7 @@ def test_rope_models_may_run_past_their_positions_with_a_warning():
 def test_demo_passes_the_sweeps_validation(tmp_path):
     config = load("configs/demo.py", "tiny")
     with config.unlocked():
-        config = sweep._resolved(config, tmp_path)
+        config = sweep.resolved(config, tmp_path)
     world.build(world.WorldConfig(**config.world.to_dict()), str(tmp_path / "world"))
     cells = sweep.validate(config, tmp_path)
     assert {c.model for c in cells} == set(config.base_models)
