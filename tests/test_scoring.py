@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import pathlib
 import shutil
 
@@ -230,6 +231,69 @@ def test_shared_prefix_path_equals_the_plain_path(kind):
     assert_close(got[:6], [hf_loglikelihood(torch_model, c, k, positions) for c, k in requests[:6]])
 
 
+def subjects(seed: int, positions: int) -> list[tuple[list[int], list[int]]]:
+    """MMLU-like requests of 11 "subjects" (more than one wave of prefix groups), each with its own prefix.
+
+    Per subject: a random prefix (its length varies, so a wave holds prefixes
+    of different lengths), questions of varied lengths with the choices 1..4
+    and a multi-token answer, and one question too long for the window (its
+    request is truncated from the left and no longer shares the prefix). The
+    last subject has a single question, one model input: it forms no group.
+    """
+    rs = np.random.RandomState(seed)
+    requests = []
+    for subject in range(11):
+        prefix = rs.randint(1, VOCAB, rs.randint(positions // 4, positions // 2)).tolist()
+        questions = 1 if subject == 10 else rs.randint(2, 6)
+        for _ in range(questions):
+            context = prefix + rs.randint(1, VOCAB, rs.randint(1, positions // 3)).tolist()
+            requests += [(context, [k]) for k in (1, 2, 3, 4)]
+            if subject != 10:  # another input (the context and the answer's first tokens): the lone one has one
+                requests.append((context, rs.randint(1, VOCAB, 3).tolist()))
+        long_context = prefix + rs.randint(1, VOCAB, positions).tolist()
+        requests += [(long_context, [k]) for k in (1, 2)]
+    return requests
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # RoPE, and learned positions
+def test_waves_of_prefix_groups_truncated_and_lone_rows_match_transformers(kind):
+    positions = 128 if kind == "llama" else 64
+    torch_model, model = tiny_pair(kind, positions)
+    requests = subjects(seed=11, positions=positions)
+    scorer = Scorer(model, batch_size=4, min_shared_prefix=8)
+    got = scorer.loglikelihood_tokens(requests)
+    assert_close(got, [hf_loglikelihood(torch_model, c, k, positions) for c, k in requests])
+    # Ten subjects formed groups (two waves: 8, then 2 and dummy rows); the lone one and the truncated rows ran plain.
+    assert scorer.stats.prefix_groups == 10
+    assert scorer.stats.truncated == 11 * 2
+    assert len(scorer.stats.programs) <= 1 + scoring._MAX_PLAIN_WIDTHS + 3 + scoring._MAX_SUFFIX_WIDTHS
+    # The same requests in another order: same results (waves and batches are formed from sorted rows).
+    order = np.random.RandomState(0).permutation(len(requests))
+    shuffled = scorer.loglikelihood_tokens([requests[i] for i in order])
+    assert_close(shuffled, [got[i] for i in order])
+
+
+def test_widths_pad_least():
+    rs = np.random.RandomState(0)
+    for _ in range(30):
+        lengths = rs.randint(1, 700, rs.randint(1, 40)).tolist()
+        k = int(rs.randint(1, 5))
+        got = scoring.choose_widths(lengths, k)
+        rungs = sorted({-(-n // 16) * 16 if n <= 256 else length_bucket(n) for n in lengths})
+        assert len(got) <= k and got[-1] == rungs[-1] and set(got) <= set(rungs)
+
+        def padding(widths, lengths=lengths):
+            return sum(min(w for w in widths if w >= n) - n for n in lengths)
+
+        # Exhaustively: no other choice of at most k rungs (with the largest) pads less.
+        best = min(
+            padding([*chosen, rungs[-1]])
+            for r in range(min(k, len(rungs)))
+            for chosen in itertools.combinations(rungs[:-1], r)
+        )
+        assert padding(got) == best
+
+
 def test_a_benchmark_compiles_a_bounded_number_of_programs():
     _, model = tiny_pair("llama", 128)
     scorer = Scorer(model, batch_size=4)
@@ -424,7 +488,7 @@ def test_lm_from_path_accepts_hf_directories_and_checkpoints(tmp_path):
     convert.convert_hf_to_checkpoint(tmp_path / "hf", tmp_path / "ckpt")
     assert_close(LM.from_path(tmp_path / "ckpt").loglikelihood(requests), want)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="Accepted: an imitax checkpoint.*training workdir.*config.json"):
+    with pytest.raises(ValueError, match="expected an imitax checkpoint.*training workdir.*config.json"):
         LM.from_path(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         LM.from_path(tmp_path / "missing")

@@ -54,6 +54,7 @@ are projected onto the vocabulary, and the log-softmax is computed in float32.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -90,6 +91,14 @@ DEFAULT_BATCH_SIZE = 8
 _VOCAB_CHUNK = 32
 # Shared prefixes are computed in chunks of this many tokens (one program per cache length).
 _PREFIX_CHUNK = 128
+# Prefix groups whose caches are computed together and held at once ("a wave"): their suffixes share
+# batches, sorted by length across groups, so a batch is padded to rows of nearly equal length.
+# Memory: the wave's cache, [layers, 8, kv_heads, cache length, head_dim] keys and values.
+_WAVE_GROUPS = 8
+# The most distinct row widths per call of the plain rows and of the suffixes: each width is one more
+# compiled program (seconds), each coarser one more padding; the widths are chosen per call to pad least.
+_MAX_PLAIN_WIDTHS = 4
+_MAX_SUFFIX_WIDTHS = 6
 # Batches dispatched ahead of the one being read back (JAX dispatches asynchronously).
 _IN_FLIGHT = 2
 
@@ -267,6 +276,51 @@ def _window_bucket(n: int) -> int:
     return 1 if n == 1 else 16 if n <= 16 else length_bucket(n)
 
 
+def choose_widths(lengths: Sequence[int], max_widths: int) -> list[int]:
+    """At most ``max_widths`` length buckets that pad ``lengths`` least, each padded to the smallest one >= it.
+
+    The widths come from a fixed ladder (multiples of 16 up to 256, then
+    :func:`length_bucket`'s), so that calls with similar lengths reuse their
+    programs; among the rungs the lengths fall on, a dynamic program keeps the
+    ``max_widths`` that minimize the total padding. Always includes the
+    largest length's rung. (5-shot MMLU suffixes after the shared prefix are
+    ~70 tokens: 32-token steps padded them by a third.)
+    """
+    lengths = sorted(int(n) for n in lengths)
+    candidates = sorted({_round_up(n, 16) if n <= 256 else length_bucket(n) for n in lengths})
+    if len(candidates) <= max_widths:
+        return candidates
+    sums = np.concatenate([[0], np.cumsum(lengths)])
+
+    def padding(low: int, high: int) -> int:  # the lengths in (low, high], padded to high
+        a, b = bisect.bisect_right(lengths, low), bisect.bisect_right(lengths, high)
+        return (b - a) * high - int(sums[b] - sums[a])
+
+    n = len(candidates)
+    # cost[c][j]: least padding of the lengths <= candidates[j] with c + 1 widths, the largest candidates[j].
+    cost = [[padding(0, candidates[j]) for j in range(n)]]
+    back: list[list[int]] = [[-1] * n]
+    for _ in range(1, max_widths):
+        row, links = [], []
+        for j in range(n):
+            best = min(((cost[-1][i] + padding(candidates[i], candidates[j]), i) for i in range(j)), default=None)
+            row.append(best[0] if best else math.inf)
+            links.append(best[1] if best else -1)
+        cost.append(row)
+        back.append(links)
+    c = min(range(max_widths), key=lambda c: cost[c][n - 1])
+    chosen, j = [], n - 1
+    while j >= 0:
+        chosen.append(candidates[j])
+        j, c = back[c][j], c - 1
+    return sorted(chosen)
+
+
+def _width(widths: Sequence[int], n: int) -> int:
+    """The smallest of ``widths`` (sorted) that holds ``n`` tokens."""
+    return widths[bisect.bisect_left(widths, n)]
+
+
 def _pow2(n: int) -> int:
     return 2 ** math.ceil(math.log2(max(n, 1)))
 
@@ -316,28 +370,32 @@ def _score_plain(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, targe
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _extend_prefix(graphdef, state, cache, tokens_1c, positions_1c, segment_ids_1c):
-    """Writes one right-padded chunk of a shared prefix into its (one-row) KV cache."""
+def _extend_prefix(graphdef, state, cache, tokens_gc, positions_gc, segment_ids_gc):
+    """Writes one right-padded chunk of a wave's shared prefixes (one row per group) into their KV cache."""
     model = nnx.merge(graphdef, state)
     # hidden(), not extend(): the prefix's own logits are never needed.
-    _, cache = model.hidden(tokens_1c, positions_1c, segment_ids_1c, cache)
+    _, cache = model.hidden(tokens_gc, positions_gc, segment_ids_gc, cache)
     return cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "window"))
 def _score_suffix(
-    graphdef, state, cache, prefix_len, tokens_bt, positions_bt, segment_ids_bt, targets_bw, cands_bk, *, window
+    graphdef, state, cache, groups_b, index, tokens_bt, positions_bt, segment_ids_bt, targets_bw, cands_bk, *, window
 ):
-    """Scores left-padded suffixes written after a shared prefix's cache (broadcast to the batch)."""
+    """Scores left-padded suffixes, each written after its own group's prefix in the wave's cache.
+
+    Every row's suffix goes to the slots from ``index`` on (the end of the
+    wave's longest prefix); a shorter prefix's padding slots in between have
+    segment id 0 and are masked, and the suffix's positions continue its own
+    prefix's, so each row sees exactly its prefix followed by its suffix.
+    """
     model = nnx.merge(graphdef, state)
-    b = tokens_bt.shape[0]
     cache = {
-        "k": jnp.broadcast_to(cache["k"], cache["k"].shape[:1] + (b,) + cache["k"].shape[2:]),
-        "v": jnp.broadcast_to(cache["v"], cache["v"].shape[:1] + (b,) + cache["v"].shape[2:]),
-        "segment_ids": jnp.broadcast_to(cache["segment_ids"], (b, cache["segment_ids"].shape[1])),
-        "positions": jnp.broadcast_to(cache["positions"], (b, cache["positions"].shape[1])),
-        # The suffix goes right after the real prefix tokens, over the prefix's padding.
-        "index": prefix_len,
+        "k": jnp.take(cache["k"], groups_b, axis=1),
+        "v": jnp.take(cache["v"], groups_b, axis=1),
+        "segment_ids": jnp.take(cache["segment_ids"], groups_b, axis=0),
+        "positions": jnp.take(cache["positions"], groups_b, axis=0),
+        "index": index,
     }
     h_bte, _ = model.hidden(tokens_bt, positions_bt, segment_ids_bt, constrain_cache(cache))
     return _scores(model, h_bte[:, -window:], targets_bw, cands_bk)
@@ -456,6 +514,7 @@ class _Batch:
     targets_bw: np.ndarray
     cands_bk: np.ndarray
     window: int
+    groups_b: np.ndarray | None = None  # each row's group (its prefix's row in the wave's cache)
 
 
 # -- the scorer -----------------------------------------------------------------------------------
@@ -586,31 +645,44 @@ class Scorer:
             groups, plain = [], list(range(len(rows)))
         # Longest first (as the harness): the slowest batches and any out-of-memory come first.
         plain.sort(key=lambda i: -len(rows[i].tokens))
-        work = [(None, plain[j : j + self.batch_size]) for j in range(0, len(plain), self.batch_size)]
-        # One cache length for every group of the call: it multiplies the suffix programs otherwise.
-        cache_len = max((self._cache_len(rows, prefix, members) for prefix, members in groups), default=0)
-        for prefix, members in groups:
-            members = sorted(members, key=lambda i: -len(rows[i].tokens))
-            chunks = [members[j : j + self.batch_size] for j in range(0, len(members), self.batch_size)]
-            work.extend(((prefix, members), chunk) for chunk in chunks)
+        plain_widths = choose_widths([len(rows[i].tokens) for i in plain], _MAX_PLAIN_WIDTHS)
+        size = self.batch_size
+        work: list = [(None, [(i, 0, 0) for i in plain[j : j + size]]) for j in range(0, len(plain), size)]
+        # Groups of similar prefix lengths form a wave; its suffixes are batched together, longest first.
+        groups.sort(key=lambda g: -g[0])
+        wave_size = min(_WAVE_GROUPS, _pow2(len(groups)))
+        waves = [groups[j : j + wave_size] for j in range(0, len(groups), wave_size)]
+        suffix_widths = choose_widths(
+            [len(rows[i].tokens) - prefix for prefix, members in groups for i in members], _MAX_SUFFIX_WIDTHS
+        )
+        # One cache length for the call (it multiplies the suffix programs otherwise): the longest
+        # prefix of a wave, then its widest suffix batch, in whole prefix chunks.
+        cache_len = 0
+        for wave in waves:
+            entries = [(i, prefix, g) for g, (prefix, members) in enumerate(wave) for i in members]
+            entries.sort(key=lambda e: e[1] - len(rows[e[0]].tokens))
+            longest = max(len(rows[i].tokens) - prefix for i, prefix, _ in entries)
+            wave_len = max(prefix for prefix, _ in wave)
+            cache_len = max(cache_len, _round_up(wave_len + _width(suffix_widths, longest), _PREFIX_CHUNK))
+            work.extend((wave, entries[j : j + self.batch_size]) for j in range(0, len(entries), self.batch_size))
 
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm.tqdm(total=len(requests), desc="log-likelihoods", disable=not progress, leave=False)
         graphdef, state = nnx.split(self.model)
         pending: collections.deque = collections.deque()
-        caches: dict[int, tuple] = {}  # group id -> (prefix cache, prefix length)
+        caches: dict[int, tuple] = {}  # id(wave) -> (the wave's prefix cache, its longest prefix)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            for group, row_ids in work:
-                if group is None:
-                    batch = self._batch(rows, row_ids, 0)
+            for wave, entries in work:
+                if wave is None:
+                    batch = self._batch(rows, entries, plain_widths)
                     out = self._run_plain(graphdef, state, batch)
                 else:
-                    prefix, members = group
-                    if id(members) not in caches:  # The group's first batch: compute its prefix once.
+                    if id(wave) not in caches:  # The wave's first batch: compute its prefixes once.
                         caches.clear()
-                        caches[id(members)] = self._run_prefix(graphdef, state, rows[members[0]], prefix, cache_len)
-                    batch = self._batch(rows, row_ids, prefix)
-                    out = self._run_suffix(graphdef, state, batch, *caches[id(members)])
+                        caches[id(wave)] = self._run_prefix(graphdef, state, rows, wave, wave_size, cache_len)
+                    # Full batches (dummy rows are short suffixes): other batch sizes are other programs.
+                    batch = self._batch(rows, entries, suffix_widths, full=True)
+                    out = self._run_suffix(graphdef, state, batch, *caches[id(wave)])
                 pending.append((batch, out))
                 if len(pending) > _IN_FLIGHT:
                     bar.update(self._collect(rows, *pending.popleft(), results))
@@ -651,24 +723,31 @@ class Scorer:
         self.stats.requests += len(requests)
         return rows
 
-    def _batch(self, rows: list[_Row], row_ids: list[int], prefix: int) -> _Batch:
-        """Left-pads the rows' tokens after ``prefix`` into one bucketed batch (dummy rows fill it)."""
-        lengths = [len(rows[i].tokens) - prefix for i in row_ids]
-        width = length_bucket(max(lengths))
+    def _batch(self, rows: list[_Row], entries: list[tuple[int, int, int]], widths, full: bool = False) -> _Batch:
+        """Left-pads rows into one batch of a width from ``widths`` (dummy rows fill it).
+
+        ``entries`` are ``(row id, prefix, group)``: the row's tokens after its
+        first ``prefix`` (already in the cache of the wave's ``group``) go in.
+        """
+        row_ids = [i for i, _, _ in entries]
+        lengths = [len(rows[i].tokens) - prefix for i, prefix, _ in entries]
+        width = _width(widths, max(lengths))
         window = _window_bucket(max(rows[i].window for i in row_ids))
         k = _candidates_bucket(max(len(rows[i].candidates) for i in row_ids))
-        # A partial batch (a group's last) shrinks to a power of two: dummy rows cost as much as real ones.
-        b = min(self.batch_size, _round_up(_pow2(len(row_ids)), self._shards))
+        # A partial batch shrinks to a power of two (dummy rows cost as much as real ones), unless `full`.
+        b = self.batch_size if full else min(self.batch_size, _round_up(_pow2(len(row_ids)), self._shards))
         tokens_bt = np.zeros((b, width), np.int32)
         positions_bt = np.zeros((b, width), np.int32)
         segment_ids_bt = np.zeros((b, width), np.int32)
         targets_bw = np.zeros((b, window), np.int32)
         cands_bk = np.zeros((b, k), np.int32)
-        for j, (i, n) in enumerate(zip(row_ids, lengths, strict=True)):
+        groups_b = np.zeros((b,), np.int32)
+        for j, ((i, prefix, group), n) in enumerate(zip(entries, lengths, strict=True)):
             row = rows[i]
             tokens_bt[j, width - n :] = row.tokens[prefix:]
             positions_bt[j, width - n :] = np.arange(prefix, prefix + n)
             segment_ids_bt[j, width - n :] = 1
+            groups_b[j] = group
             # The target of position t is token t + 1; the last position's targets are the candidates.
             shifted = np.concatenate([row.tokens[1:], row.candidates[:1]])
             w = min(window, len(row.tokens))
@@ -676,7 +755,7 @@ class Scorer:
             cands_bk[j, : len(row.candidates)] = row.candidates
         self.stats.computed_tokens += sum(lengths)
         self.stats.padded_tokens += b * width
-        return _Batch(row_ids, tokens_bt, positions_bt, segment_ids_bt, targets_bw, cands_bk, window)
+        return _Batch(row_ids, tokens_bt, positions_bt, segment_ids_bt, targets_bw, cands_bk, window, groups_b)
 
     def _put(self, *arrays: np.ndarray):
         if self.mesh is None:
@@ -689,40 +768,45 @@ class Scorer:
         arrays = self._put(batch.tokens_bt, batch.positions_bt, batch.segment_ids_bt, batch.targets_bw, batch.cands_bk)
         return _score_plain(graphdef, state, *arrays, window=batch.window)
 
-    @staticmethod
-    def _cache_len(rows: list[_Row], prefix: int, members: list[int]) -> int:
-        """Slots for a group's prefix (whole chunks) and, after it, its longest suffix batch."""
-        longest_suffix = max(len(rows[i].tokens) for i in members) - prefix
-        return _round_up(prefix + length_bucket(longest_suffix), _PREFIX_CHUNK)
+    def _run_prefix(self, graphdef, state, rows: list[_Row], wave: list, wave_size: int, cache_len: int):
+        """The KV cache of a wave's prefixes, one row per group, computed in right-padded chunks (one program).
 
-    def _run_prefix(self, graphdef, state, row: _Row, prefix: int, cache_len: int):
-        """The KV cache of ``row``'s first ``prefix`` tokens, computed in fixed-width chunks (one program)."""
-        abstract = jax.eval_shape(lambda: self.model.init_cache(1, cache_len))
+        Returns:
+          ``(cache, index)``: ``index`` is the slot after the wave's longest prefix, where suffixes go.
+        """
+        abstract = jax.eval_shape(lambda: self.model.init_cache(wave_size, cache_len))
         cache = {k: np.zeros(v.shape, v.dtype) for k, v in abstract.items()}
         put = functools.partial(jax.device_put, device=None if self.mesh is None else sharding.replicated(self.mesh))
-        cache = put(cache)  # One row: on a mesh every device holds it (replicated).
-        tokens = row.tokens[:prefix]
-        for start in range(0, prefix, _PREFIX_CHUNK):
-            n = min(_PREFIX_CHUNK, prefix - start)
-            tokens_1c = np.zeros((1, _PREFIX_CHUNK), np.int32)
-            tokens_1c[0, :n] = tokens[start : start + n]
-            positions_1c = np.where(np.arange(_PREFIX_CHUNK) < n, start + np.arange(_PREFIX_CHUNK), 0)[None]
-            segment_ids_1c = (np.arange(_PREFIX_CHUNK) < n)[None].astype(np.int32)
-            chunk = put((tokens_1c, positions_1c.astype(np.int32), segment_ids_1c))
-            cache = _extend_prefix(graphdef, state, cache, *chunk)
-        self.stats.programs.add(("prefix", _PREFIX_CHUNK, cache_len))
-        self.stats.prefix_groups += 1
-        self.stats.shared_prefix_tokens += prefix
-        self.stats.computed_tokens += prefix
-        self.stats.padded_tokens += _round_up(prefix, _PREFIX_CHUNK)
-        return cache, np.int32(prefix)
+        cache = put(cache)  # A few rows: on a mesh every device holds them (replicated).
+        longest = max(prefix for prefix, _ in wave)
+        chunks = -(-longest // _PREFIX_CHUNK)
+        for c in range(chunks):
+            start = c * _PREFIX_CHUNK
+            tokens_gc = np.zeros((wave_size, _PREFIX_CHUNK), np.int32)
+            positions_gc = np.zeros((wave_size, _PREFIX_CHUNK), np.int32)
+            segment_ids_gc = np.zeros((wave_size, _PREFIX_CHUNK), np.int32)
+            for g, (prefix, members) in enumerate(wave):
+                n = max(0, min(_PREFIX_CHUNK, prefix - start))
+                tokens_gc[g, :n] = rows[members[0]].tokens[start : start + n]
+                positions_gc[g, :n] = np.arange(start, start + n)
+                segment_ids_gc[g, :n] = 1
+            cache = _extend_prefix(graphdef, state, cache, *put((tokens_gc, positions_gc, segment_ids_gc)))
+        self.stats.programs.add(("prefix", wave_size, _PREFIX_CHUNK, cache_len))
+        self.stats.prefix_groups += len(wave)
+        prefix_tokens = sum(prefix for prefix, _ in wave)
+        self.stats.shared_prefix_tokens += prefix_tokens
+        self.stats.computed_tokens += prefix_tokens
+        self.stats.padded_tokens += wave_size * chunks * _PREFIX_CHUNK
+        return cache, np.int32(longest)
 
-    def _run_suffix(self, graphdef, state, batch: _Batch, cache, prefix_len):
+    def _run_suffix(self, graphdef, state, batch: _Batch, cache, index):
         b, t = batch.tokens_bt.shape
-        cache_len = cache["k"].shape[2]
-        self.stats.programs.add(("suffix", b, t, cache_len, batch.window, batch.cands_bk.shape[1]))
-        arrays = self._put(batch.tokens_bt, batch.positions_bt, batch.segment_ids_bt, batch.targets_bw, batch.cands_bk)
-        return _score_suffix(graphdef, state, cache, prefix_len, *arrays, window=batch.window)
+        cache_len, wave_size = cache["segment_ids"].shape[1], cache["segment_ids"].shape[0]
+        self.stats.programs.add(("suffix", b, t, cache_len, wave_size, batch.window, batch.cands_bk.shape[1]))
+        arrays = self._put(
+            batch.groups_b, batch.tokens_bt, batch.positions_bt, batch.segment_ids_bt, batch.targets_bw, batch.cands_bk
+        )
+        return _score_suffix(graphdef, state, cache, arrays[0], index, *arrays[1:], window=batch.window)
 
     def _collect(self, rows: list[_Row], batch: _Batch, out, results: list) -> int:
         """Reads one batch's outputs back and fills in the results of its rows' requests."""
