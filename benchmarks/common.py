@@ -26,19 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dot kernel libraries of jaxlib 0.10's CPU backend, as per-compile DebugOptions.
-# 'ynn' is the default (YNNPACK fusions of single dots). Clearing the YNN fusion
-# list leaves plain HLO dots, which the runtime runs with Eigen ('eigen'), or
-# which the oneDNN fusion pass claims when it is switched on ('onednn').
-XLA_DOT_BACKENDS: dict[str, dict[str, Any]] = {
-    "ynn": {},
-    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "onednn": {
-        "xla_cpu_experimental_ynn_fusion_type": "",
-        "xla_cpu_use_onednn": True,
-        "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-    },
-}
+from imitax import xla_backend
+
+# Dot kernel libraries of jaxlib 0.10's CPU backend, as per-compile DebugOptions: the library's
+# table (imitax.xla_backend), which the scripts' --xla_backend sets through XLA_FLAGS instead.
+# 'ynn' is the default (YNNPACK fusions of single dots and of some reductions). Clearing the YNN
+# fusion list leaves plain HLO dots, which the runtime runs with Eigen ('eigen'), or which the
+# oneDNN fusion pass claims when it is switched on ('onednn').
+XLA_DOT_BACKENDS: dict[str, dict[str, Any]] = xla_backend.COMPILE_OPTIONS
 
 # The same settings spelled for the XLA_FLAGS environment variable.
 _FLAG_VALUES = {"": "", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT": "individual_dot", True: "true", False: "false"}
@@ -47,6 +42,18 @@ _FLAG_VALUES = {"": "", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT": "individual_dot", 
 def xla_flags_for(options: Mapping[str, Any]) -> str:
     """The ``XLA_FLAGS`` string equivalent to per-compile ``options``."""
     return " ".join(f"--{k}={_FLAG_VALUES.get(v, v)}" for k, v in options.items())
+
+
+def check_xla_flags() -> None:
+    """Refuses an ``XLA_FLAGS`` that picks a dot library: it would leak into every backend compared.
+
+    Per-compile options only override the fields they name, and ``'ynn'`` names none (it is
+    XLA's default): under ``XLA_FLAGS=--xla_cpu_use_onednn=true`` the 'ynn' rows would time oneDNN.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    names = {name for options in XLA_DOT_BACKENDS.values() for name in options}
+    if any(f"--{name}=" in flags for name in names):
+        raise SystemExit(f"error: XLA_FLAGS={flags!r} picks a dot library; unset it: the backends are set per compile")
 
 
 # -- timing ------------------------------------------------------------------------

@@ -32,11 +32,18 @@ skipped with a note.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
+import glob
 import os
+import re
+import resource
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags
 
@@ -46,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -57,7 +65,13 @@ from imitax.train import metrics, optim  # noqa: E402
 from imitax.train import state as train_state  # noqa: E402
 from imitax.train import step as train_step  # noqa: E402
 
-_MODEL = flags.DEFINE_enum("model", "all", ["gpt2", "llama1b", "all"], "Which model shape to benchmark.")
+_MODEL = flags.DEFINE_enum(
+    "model",
+    "all",
+    ["gpt2", "llama1b", "llama1b_full", "all"],
+    "Which model shape: llama1b has --llama_layers layers, llama1b_full all 16 (~0.95B parameters); all: gpt2 and "
+    "llama1b.",
+)
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed steps per implementation (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps per implementation before timing.")
 _BATCH = flags.DEFINE_integer("batch", None, "Batch size (default: 8 for gpt2, 2 for llama1b).")
@@ -77,6 +91,26 @@ _ORDER = flags.DEFINE_enum(
     "auto: round-robin when both implementations fit in memory together, else one after the other.",
 )
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes and few iterations: checks that the script runs.")
+_PROFILE = flags.DEFINE_bool(
+    "profile",
+    False,
+    "After the timing, per XLA dot backend: time the step's parts apart (forward + loss, forward + backward, "
+    "optimizer update) and trace whole steps for each HLO op's own time, by kind of work.",
+)
+_PROFILE_ITERS = flags.DEFINE_integer("profile_iters", 3, "Timed rounds of the parts, and traced steps, per backend.")
+
+# The targets: imitax's step against PyTorch's (raw time ratio, same run) and its MFU.
+TARGET_SPEEDUP, TARGET_MFU = 1.2, 0.65
+
+
+def target(name: str, timings: dict[str, common.Timing], mfu: dict[str, float]) -> str:
+    """Whether an imitax row meets both targets ('-' for torch, or without a torch row to compare with)."""
+    if name == "torch" or "torch" not in timings:
+        return "-"
+    speedup = timings["torch"].median / timings[name].median
+    missed = [what for what, ok in (("speed", speedup >= TARGET_SPEEDUP), ("MFU", mfu[name] >= TARGET_MFU)) if not ok]
+    return "met" if not missed else "missed: " + ", ".join(missed)
+
 
 # AdamW as both implementations run it (PyTorch's default betas and decay, clipping as the trainer).
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.999), 1e-8, 0.01, 1.0
@@ -112,9 +146,11 @@ def cases(smoke: bool) -> list[Case]:
         llama = llama.replace(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=160)
         batch, seq = batch or 2, min(seq, 64)
     options = dict(dtype="float32", param_dtype="float32", scan_layers=True, remat=_REMAT.value)
+    full = llama.replace(num_layers=2 if smoke else 16)
     out = {
         "gpt2": Case(f"gpt2-{gpt2.num_params() / 1e6:.0f}m", gpt2.replace(**options), batch or 8, seq),
         "llama1b": Case(f"llama-{llama.num_params() / 1e6:.0f}m", llama.replace(**options), batch or 2, seq),
+        "llama1b_full": Case(f"llama-{full.num_params() / 1e6:.0f}m", full.replace(**options), batch or 2, seq),
     }
     return [out[m] for m in (["gpt2", "llama1b"] if _MODEL.value == "all" else [_MODEL.value])]
 
@@ -281,6 +317,238 @@ class MatmulProbe:
         return [max(r) for r in zip(*rates, strict=True)]
 
 
+# -- profile: the step's parts, and each HLO op's time ------------------------------------------------
+
+# Ops that only move data (a fusion made of nothing else is a copy, as far as the profile is concerned).
+_MOVES = {"parameter", "copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice",
+          "dynamic-update-slice", "concatenate", "pad", "tuple", "get-tuple-element", "constant", "iota",
+          "bitcast-convert"}  # fmt: skip
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(?P<name>[\w.\-]+) = (?P<type>.+?) (?P<op>[a-z][a-z0-9\-]*)\((?P<args>.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?(?P<name>[\w.\-]+) \(.*\{$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+    """One instruction of a compiled module: what the profile files its time under."""
+
+    category: str  # matmul: projections / attention / LM head; copies; other fusions; loop overhead
+    phase: str  # forward, backward, update (from the op's metadata: jvp(...), transpose(jvp(...)), neither)
+    # (the loss's gradient is computed with its forward, in a custom VJP: its matmuls count as forward)
+    flops: float  # of its dots (0 for everything else)
+    shape: str  # of its dot, 'lhs x rhs -> out', or its result type
+
+
+def _dims(hlo_type: str) -> list[int]:
+    m = re.match(r"\w+\[([\d,]*)\]", hlo_type)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def parse_hlo(text: str, vocab_size: int) -> dict[str, HloOp]:
+    """Classifies every instruction of a compiled module's ``as_text()`` by name (names are module-unique)."""
+    computations: dict[str, list[re.Match]] = {}
+    current: list[re.Match] = []
+    for line in text.splitlines():
+        if m := _COMPUTATION.match(line):
+            current = computations.setdefault(m["name"], [])
+        elif m := _INSTRUCTION.match(line):
+            current.append(m)
+
+    def dot_of(instructions: list[re.Match], types: dict[str, str]) -> tuple[float, str, bool, bool]:
+        """(FLOPs, shape, batched?, touches the vocabulary?) of the dots among ``instructions``."""
+        flops, shape, batched, vocab = 0.0, "", False, False
+        for m in instructions:
+            if m["op"] != "dot":
+                continue
+            lhs, rhs = re.findall(r"%([\w.\-]+)", m["args"])[:2]
+            lhs_dims, rhs_dims, out = _dims(types.get(lhs, "")), _dims(types.get(rhs, "")), _dims(m["type"])
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", m["args"])
+            k = np.prod([lhs_dims[int(i)] for i in contracting.group(1).split(",") if i]) if contracting else 1
+            flops += 2.0 * float(np.prod(out)) * float(k)
+            shape = f"{lhs_dims} x {rhs_dims} -> {out}"
+            batched |= "lhs_batch_dims" in m["args"]
+            vocab |= vocab_size in lhs_dims + rhs_dims + out
+        return flops, shape, batched, vocab
+
+    def phase_of(op_name: str) -> str | None:
+        return "backward" if "transpose(jvp" in op_name else "forward" if "jvp(" in op_name else None
+
+    ops: dict[str, HloOp] = {}
+    types = {name: {m["name"]: m["type"] for m in instructions} for name, instructions in computations.items()}
+    for computation, instructions in computations.items():
+        # Some instructions carry no metadata (the loss's custom-VJP gradient dots, buffer fills):
+        # they take the phase of the first labelled instruction of their computation.
+        labelled = (phase_of(n.group(1)) for i in instructions if (n := re.search(r'op_name="([^"]*)"', i["args"])))
+        default_phase = next((p for p in labelled if p), "update")
+        for m in instructions:
+            op, args = m["op"], m["args"]
+            called = re.search(r"calls=%([\w.\-]+)", args)
+            if called and op == "fusion":
+                inner = computations.get(called.group(1), [])
+                flops, shape, batched, vocab = dot_of(inner, types.get(called.group(1), {}))
+            else:
+                inner = [m] if op == "dot" else []
+                flops, shape, batched, vocab = dot_of(inner, types[computation])
+            if flops:
+                category = "matmul: LM head" if vocab else "matmul: attention" if batched else "matmul: projections"
+            elif op == "while":
+                category = "loop control (while: own time)"
+            elif op == "fusion" and inner and {i["op"] for i in inner} <= {"parameter", "constant", "broadcast"}:
+                category = "buffer fills (a broadcast constant)"
+            elif op in ("copy", "transpose") or (op == "fusion" and inner and {i["op"] for i in inner} <= _MOVES):
+                category = "copies, transposes, slices"
+            elif op == "fusion":
+                category = "other fusions (norms, softmax, activations, AdamW)"
+            else:
+                category = f"other ops ({op})"
+            name_m = re.search(r'op_name="([^"]*)"', args)
+            phase = (phase_of(name_m.group(1)) or "update") if name_m else default_phase
+            ops[m["name"]] = HloOp(category, phase, flops, shape or re.sub(r"\{[\d,]*\}", "", m["type"])[:40])
+    return ops
+
+
+def traced_op_times(call, logdir: str) -> tuple[dict[str, list[float]], float]:
+    """Runs ``call()`` under ``jax.profiler.trace``; ``({hlo op: [executions, own seconds]}, wall seconds)``.
+
+    XLA:CPU's thunk executor records one event per executed HLO op (attribute ``hlo_op``); a
+    while loop's event encloses its body's, so each op is charged its own time only (its
+    duration less that of the events nested in it on the same thread).
+    """
+    with jax.profiler.trace(logdir):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        wall = time.perf_counter() - start
+    path = max(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    times: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            events = []
+            for e in line.events:
+                op = dict(e.stats).get("hlo_op")
+                if op:
+                    events.append((e.start_ns, e.start_ns + e.duration_ns, op))
+            events.sort(key=lambda x: (x[0], -x[1]))
+            stack: list[list] = []  # [end, op, own ns]
+            for start_ns, end_ns, op in events:
+                while stack and stack[-1][0] <= start_ns:
+                    end, name, own = stack.pop()
+                    times[name][1] += own / 1e9
+                if stack:
+                    stack[-1][2] -= end_ns - start_ns  # nested: not the enclosing op's own time
+                stack.append([end_ns, op, end_ns - start_ns])
+                times[op][0] += 1
+            for _, name, own in stack:
+                times[name][1] += own / 1e9
+    return dict(times), wall
+
+
+def profile_tables(case: Case, jx: ImitaxStep, iters: int) -> str:
+    """The step's parts timed apart, and each backend's traced steps by kind of work (a printable report)."""
+    cfg, graphdef = case.cfg, nnx.graphdef(models.abstract_model(case.cfg))
+    optimizer = jx.optimizer
+
+    def loss(params, batch):
+        return train_step.loss_terms(graphdef, params, batch)[0]
+
+    def update(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    parts = {"forward + loss": loss, "forward + backward": jax.grad(loss), "optimizer update": update}
+    fns: dict[str, Callable[[], Any]] = {}
+    with jax.set_mesh(jx.mesh):
+        params = lambda: jx.state.params  # the step donates and replaces the state: read it at each call
+        grads = jax.jit(jax.grad(loss))(jx.state.params, jx.batch)
+        args = {
+            "forward + loss": lambda: (params(), jx.batch),
+            "forward + backward": lambda: (params(), jx.batch),
+            "optimizer update": lambda: (grads, jx.state.opt_state, params()),
+        }
+        for backend in jx.compiled:
+            options = dict(common.XLA_DOT_BACKENDS[backend])
+            for part, fn in parts.items():
+                compiled = jax.jit(fn).lower(*args[part]()).compile(compiler_options=options)
+                # Blocks on the whole output: common.block waits for a single array only.
+                fns[f"{part} [{backend}]"] = lambda c=compiled, a=args[part]: jax.block_until_ready(c(*a()))
+            fns[f"whole step [{backend}]"] = lambda b=backend: jx.step(b)
+        timings = common.time_interleaved(fns, warmup=1, iters=iters)
+
+    step_flops = metrics.train_flops_per_token(cfg, case.seq) * case.batch * case.seq
+    lines = [f"\n{case.name}: the step's parts, compiled apart, medians of {iters} round-robin rounds:"]
+    rows = []
+    for backend in jx.compiled:
+        whole = timings[f"whole step [{backend}]"].median
+        for part in [*parts, "whole step"]:
+            t = timings[f"{part} [{backend}]"].median
+            rows.append([backend, part, f"{t:.2f}", f"{t / whole:.0%}"])
+        fwd, fwd_bwd = (timings[f"{p} [{backend}]"].median for p in ("forward + loss", "forward + backward"))
+        upd = timings[f"optimizer update [{backend}]"].median
+        rows.append([backend, "backward (fwd+bwd - fwd)", f"{fwd_bwd - fwd:.2f}", f"{(fwd_bwd - fwd) / whole:.0%}"])
+        rows.append([backend, "rest (step - fwd+bwd - update)", f"{whole - fwd_bwd - upd:.2f}", ""])
+    lines.append(common.format_table(["backend", "part", "median s", "of the step"], rows))
+
+    for backend, compiled in jx.compiled.items():
+        if backend == "eigen":
+            # Eigen's dots run asynchronously on its thread pool: their events time the dispatch only,
+            # and the work lands in whatever op's event is open meanwhile.
+            lines.append(f"\n{case.name} imitax[eigen]: no per-op trace (Eigen's dots run asynchronously)")
+            continue
+        ops = parse_hlo(compiled.as_text(), cfg.vocab_size)
+        totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+        phases: dict[tuple[str, str], float] = collections.defaultdict(float)
+        per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+        walls, unknown = [], 0.0
+        with jax.set_mesh(jx.mesh), tempfile.TemporaryDirectory() as logdir:
+            for i in range(iters):
+                times, wall = traced_op_times(lambda b=backend: jx.step(b), os.path.join(logdir, str(i)))
+                walls.append(wall)
+                for name, (calls, seconds) in times.items():
+                    op = ops.get(name)
+                    if op is None:
+                        unknown += seconds
+                        continue
+                    totals[op.category][0] += seconds
+                    totals[op.category][1] += op.flops * calls
+                    matmul = "matmul" if op.flops else "other"
+                    phases[(op.phase, matmul)] += seconds
+                    per_op[name][0] += calls
+                    per_op[name][1] += seconds
+        op_time = sum(t for t, _ in totals.values()) + unknown
+        wall = float(np.median(walls))
+        lines.append(
+            f"\n{case.name} imitax[{backend}]: {iters} traced steps, median wall {wall:.2f} s; HLO ops' own time "
+            f"{op_time / iters:.2f} s per step ({op_time / iters / wall:.0%} of the wall time; the rest: dispatch "
+            f"and waiting); {step_flops / 1e12:.2f} TFLOP counted per step (6 x weights + attention)"
+        )
+        rows = [
+            [
+                cat,
+                f"{t / iters:.2f}",
+                f"{t / op_time:.0%}",
+                f"{f / iters / 1e9:.0f}",
+                f"{f / t / 1e9:.0f}" if f else "-",
+            ]
+            for cat, (t, f) in sorted(totals.items(), key=lambda kv: -kv[1][0])
+        ]
+        if unknown:
+            rows.append(["(not in the module's text)", f"{unknown / iters:.2f}", f"{unknown / op_time:.0%}", "-", "-"])
+        lines.append(common.format_table(["kind of work", "s per step", "share", "GFLOP per step", "GFLOP/s"], rows))
+        rows = [
+            [phase, f"{phases[(phase, 'matmul')] / iters:.2f}", f"{phases[(phase, 'other')] / iters:.2f}"]
+            for phase in ("forward", "backward", "update")
+        ]
+        lines.append(common.format_table(["phase (from op metadata)", "matmul s", "other s"], rows))
+        top = sorted(per_op.items(), key=lambda kv: -kv[1][1])[:15]
+        rows = []
+        for name, (calls, seconds) in top:
+            op = ops[name]
+            rate = f"{op.flops * calls / seconds / 1e9:.0f}" if op.flops else "-"
+            rows.append([name, op.category, op.phase, op.shape, f"{calls / iters:.0f}", f"{seconds / iters:.3f}", rate])
+        lines.append(f"{case.name} imitax[{backend}]: the 15 ops with the most own time (per step):")
+        headers = ["HLO op", "kind", "phase", "shape", "runs", "s", "GFLOP/s"]
+        lines.append(common.format_table(headers, rows))
+    return "\n".join(lines)
+
+
 def bench_case(case: Case, probe: MatmulProbe, iters: int) -> tuple[list[list[str]], list[list[str]], list[str]]:
     """Times one model shape; returns throughput rows, memory rows and notes."""
     cfg = case.cfg
@@ -303,12 +571,29 @@ def bench_case(case: Case, probe: MatmulProbe, iters: int) -> tuple[list[list[st
     peaks: dict[str, list[float]] = {}  # each implementation's rounds' rooflines
     first_loss: dict[str, float] = {}
     memory_rows: list[list[str]] = []
+    profile: list[str] = []
+    usage: dict[str, list[tuple[int, float]]] = {}  # per step: (minor page faults, kernel CPU s)
     warmup = max(_WARMUP.value - 1, 0)  # the first step (checking the loss) is a warm-up step too
 
     def timed(fns):
-        out = common.time_interleaved({**fns, **probe.fns}, warmup=warmup, iters=iters)
+        out = common.time_interleaved(
+            {**{n: counted(n, f) for n, f in fns.items()}, **probe.fns}, warmup=warmup, iters=iters
+        )
         for name in fns:
             timings[name], peaks[name] = out[name], probe.peaks(out)
+            usage[name] = usage[name][-iters:]  # the timed calls' (warm-up calls come first)
+
+    def counted(name, fn):
+        """``fn``, recording each call's minor page faults and kernel CPU seconds (the whole process's)."""
+
+        def call():
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            out = fn()
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            usage.setdefault(name, []).append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
+            return out
+
+        return call
 
     def load_imitax(hf) -> None:
         jx.load(core.params_from_hf(cfg, {k: v.detach().numpy() for k, v in hf.state_dict().items()}))
@@ -344,6 +629,8 @@ def bench_case(case: Case, probe: MatmulProbe, iters: int) -> tuple[list[list[st
         timed({**imitax_fns, "torch": pt.step})
         imitax_memory(before)
         torch_memory(pt)
+        if _PROFILE.value:
+            profile.append(profile_tables(case, jx, _PROFILE_ITERS.value))
     else:
         if jax_need + 8 * n < 0.9 * available:
             hf = hf_model(cfg)
@@ -353,6 +640,8 @@ def bench_case(case: Case, probe: MatmulProbe, iters: int) -> tuple[list[list[st
             before = live_bytes()
             timed(imitax_fns)
             imitax_memory(before)
+            if _PROFILE.value:
+                profile.append(profile_tables(case, jx, _PROFILE_ITERS.value))
         else:
             notes.append(f"{case.name}: imitax skipped, it would not fit in {available / GIB:.1f} GiB")
         jx.state = None
@@ -399,11 +688,16 @@ def bench_case(case: Case, probe: MatmulProbe, iters: int) -> tuple[list[list[st
                 f"{float(np.median(peaks[name])) / 1e9:.0f}",
                 f"{mfu_median[name]:.0%}",
                 vs_torch,
+                target(name, timings, mfu_median),
                 f"{timing.median:.2f}",
+                f"{timing.cpu_median:.2f}",
+                f"{np.median([st for _, st in usage[name]]):.2f}",
+                f"{np.median([f for f, _ in usage[name]]) * resource.getpagesize() / GIB:.2f}",
                 f"{timing.spread:.0%}",
             ]
         )
     notes.append(f"{case.name}: {step_flops / 1e12:.2f} TFLOP per train step")
+    notes.extend(profile)
     return rows, memory_rows, notes
 
 
@@ -415,6 +709,7 @@ def main(argv):
     unknown = set(_XLA_BACKENDS.value) - set(common.XLA_DOT_BACKENDS)
     if unknown:
         raise app.UsageError(f"unknown --xla_backends {sorted(unknown)}; known: {sorted(common.XLA_DOT_BACKENDS)}")
+    common.check_xla_flags()
     print(common.environment(), flush=True)
 
     sizes = [256] if _SMOKE.value else [int(s) for s in _PEAK_SIZES.value]
@@ -427,7 +722,7 @@ def main(argv):
 
     headers = [
         "model", "impl", "batch x seq", "tokens/s", "GFLOP/s", "roofline GFLOP/s", "MFU", "vs torch (raw / MFU)",
-        "median s", "spread",
+        f"target >= {TARGET_SPEEDUP}x, >= {TARGET_MFU:.0%}", "median s", "CPU s", "sys s", "faulted GiB", "spread",
     ]  # fmt: skip
     mem_headers = ["model", "impl", "state B/param", "aliased B/param", "temp B/param", "peak B/param", "live GiB"]
     rows, mem_rows, notes = [], [], []
@@ -448,8 +743,6 @@ def main(argv):
 
 
 def _max_rss() -> int:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
