@@ -152,7 +152,7 @@ def main(argv):
     bos = add_bos_token()
     configs = task_configs()
     try:
-        evaluator.build_tasks(configs)  # names, keywords and every task's data, before the model loads
+        built = evaluator.build_tasks(configs)  # names, keywords and every task's data, before the model loads
         mesh = sharding.make_mesh(_MESH.value) if _MESH.value else None
         kwargs = {"batch_size": _BATCH_SIZE.value, "max_length": _MAX_LENGTH.value, "dtype": _DTYPE.value}
         # LM refuses a --max_length past a learned-position model's table, naming both numbers and the flag.
@@ -165,7 +165,7 @@ def main(argv):
             "batch_size": lm.batch_size,
             "add_bos_token": lm.add_bos_token,
         }
-        out = evaluator.evaluate(lm, configs, _OUTPUT_DIR.value, model_info=model_info, progress=True)
+        out = evaluator.evaluate(lm, configs, _OUTPUT_DIR.value, model_info=model_info, progress=True, built=built)
     except bad_input as e:
         _fail(str(e))  # what and where, without a traceback; results.json is written only on success
     for task, result in out["results"].items():

@@ -72,6 +72,34 @@ def test_nothing_runs_and_nothing_is_written_on_bad_input(tmp_path):
     assert lm.calls == [] and not (tmp_path / "out").exists()
 
 
+def test_named_tasks_run_one_task_twice_and_are_built_once(tmp_path):
+    data_file = tmp_path / "mc.jsonl"
+    data_file.write_bytes((DATA / "mc.jsonl").read_bytes())
+    tasks_config = {
+        "first": {"task": "multiple_choice", "data_file": str(data_file), "limit": 2},
+        "all": {"task": "multiple_choice", "data_file": str(data_file)},
+    }
+    with pytest.raises(ValueError, match=r"task 'first' \(multiple_choice\) does not take size; it accepts: data_file"):
+        evaluator.validate_tasks({"first": {"task": "multiple_choice", "size": 2}})
+    built = evaluator.build_tasks(tasks_config)
+    assert list(built) == ["first", "all"]
+    # Built tasks serve many models: nothing is read again (the data file is gone by now).
+    data_file.unlink()
+    for _ in range(2):
+        out = evaluator.evaluate(FakeLM(), tasks_config, tmp_path / "out", progress=False, built=built)
+        assert out["results"]["first"]["n"] == 2 and out["results"]["all"]["n"] == 4
+        # The fake LM picks " A": right on the second question only (targets 1, 0, 3, ...).
+        assert out["results"]["first"]["metrics"]["acc"] == 0.5 and out["results"]["all"]["metrics"]["acc"] == 0.25
+    assert out["config"]["first"]["task"] == "multiple_choice"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "results.json",
+        "samples_all.jsonl",
+        "samples_first.jsonl",
+    ]
+    with pytest.raises(ValueError, match=r"built tasks \['first', 'all'\] are not the tasks \['first'\]"):
+        evaluator.evaluate(FakeLM(), {"first": tasks_config["first"]}, built=built)
+
+
 # -- results and samples ---------------------------------------------------------------------------
 
 

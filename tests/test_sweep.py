@@ -130,7 +130,7 @@ def test_two_by_two_sweep_end_to_end(reference):
         assert record["status"] == "done"
         assert float(r["facts/acc"]) == pytest.approx(record["metrics"]["facts/acc"], abs=1e-12)
         results = json.loads((workdir / "cells" / cell_id / "eval" / "facts" / "results.json").read_text())
-        assert results["results"]["multiple_choice"]["metrics"]["acc"] == record["metrics"]["facts/acc"]
+        assert results["results"]["facts"]["metrics"]["acc"] == record["metrics"]["facts/acc"]  # keyed by alias
         if r["source"] != "(base)":
             assert record["train"]["step"] >= 1
     # Finetuning changed the model: some metric moved between a base model and its 4K cell.

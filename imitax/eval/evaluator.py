@@ -7,6 +7,12 @@
 >>> out = evaluator.evaluate(LM.from_path("workdir"), tasks, "eval_out", model_info={"path": "workdir"})
 >>> out["results"]["mmlu"]["metrics"]["acc"]
 
+Tasks are named: the key is an alias and ``task`` in its config names the registered task when
+the two differ, so one task can run twice with different data (``{"facts_a": {"task":
+"multiple_choice", "data_file": "a.jsonl"}, "facts_b": {...}}``). :func:`build_tasks` builds
+and loads them once; a caller that evaluates many models (the sweep) passes the built tasks to
+every :func:`evaluate` call instead of reading the data again.
+
 What ``evaluate`` does, in order:
 
 1. validates every task name and keyword (:func:`validate_tasks`) and builds the tasks;
@@ -70,12 +76,19 @@ def _plain(tasks: Any) -> Any:
     return tasks.to_dict() if hasattr(tasks, "to_dict") and not isinstance(tasks, Mapping) else tasks
 
 
+def task_spec(alias: str, config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(registered task name, its keywords)`` of a named task: ``config['task']``, else the alias."""
+    kwargs = dict(config)
+    return kwargs.pop("task", alias), kwargs
+
+
 def validate_tasks(tasks: Mapping[str, Mapping[str, Any]]) -> None:
     """Checks task names and their keywords without building the tasks or reading data.
 
     Args:
-      tasks: task name (see :func:`imitax.eval.tasks.names`) -> keyword config of its class
-        (dicts, or an ``ml_collections.ConfigDict``).
+      tasks: alias -> keyword config of its task class, with ``task=NAME`` (see
+        :func:`imitax.eval.tasks.names`) when the alias is not the task's name (dicts, or an
+        ``ml_collections.ConfigDict``).
 
     Raises:
       ValueError: no tasks, an unknown task (the message lists the known ones),
@@ -86,25 +99,28 @@ def validate_tasks(tasks: Mapping[str, Mapping[str, Any]]) -> None:
     if not isinstance(tasks, Mapping) or not tasks:
         raise ValueError(f"no tasks to evaluate; known tasks: {', '.join(task_registry.names())}")
     problems = []
-    unknown = [name for name in tasks if name not in task_registry.names()]
+    for alias, config in tasks.items():
+        if not isinstance(config, Mapping):
+            problems.append(f"task {alias!r}: its config must be a mapping of keywords, got {type(config).__name__}")
+    names = {a: task_spec(a, c)[0] for a, c in tasks.items() if isinstance(c, Mapping)}
+    unknown = [name for name in names.values() if name not in task_registry.names()]
     if unknown:
         problems.append(
             f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(task_registry.names())}"
         )
-    for name, config in tasks.items():
-        if name in unknown:
+    for alias, config in tasks.items():
+        if alias not in names or names[alias] in unknown:
             continue
-        if not isinstance(config, Mapping):
-            problems.append(f"task {name!r}: its config must be a mapping of keywords, got {type(config).__name__}")
-            continue
+        name, config = task_spec(alias, config)
+        label = repr(alias) if alias == name else f"{alias!r} ({name})"
         accepted, required, takes_any = _keywords(task_registry.get(name))
         bad = [k for k in config if k not in accepted] if not takes_any else []
         missing = [k for k in required if k not in config]
         if bad:
-            problems.append(f"task {name!r} does not take {', '.join(bad)}; it accepts: {', '.join(accepted)}")
+            problems.append(f"task {label} does not take {', '.join(bad)}; it accepts: {', '.join(accepted)}")
         if missing:
             problems.append(
-                f"task {name!r} needs {', '.join(f'{k}=' for k in missing)} (it accepts: {', '.join(accepted)})"
+                f"task {label} needs {', '.join(f'{k}=' for k in missing)} (it accepts: {', '.join(accepted)})"
             )
     if problems:
         raise ValueError("; ".join(problems))
@@ -114,7 +130,7 @@ def build_tasks(tasks: Mapping[str, Mapping[str, Any]], load: bool = True) -> di
     """Validates, builds every task and (with ``load``) reads its data, before anything runs.
 
     Returns:
-      task name -> task object, in the order given.
+      alias -> task object, in the order given.
 
     Raises:
       ValueError: see :func:`validate_tasks`; also a task's own check of its
@@ -124,11 +140,12 @@ def build_tasks(tasks: Mapping[str, Mapping[str, Any]], load: bool = True) -> di
     tasks = _plain(tasks)
     validate_tasks(tasks)
     built = {}
-    for name, config in tasks.items():
+    for alias, config in tasks.items():
+        name, kwargs = task_spec(alias, config)
         try:
-            built[name] = task_registry.get(name)(**config)
+            built[alias] = task_registry.get(name)(**kwargs)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"task {name!r}: {e}") from e
+            raise ValueError(f"task {alias!r}: {e}") from e
     if load:
         for task in built.values():
             if hasattr(task, "load"):
@@ -160,16 +177,19 @@ def evaluate(
     *,
     model_info: Mapping[str, Any] | None = None,
     progress: bool = True,
+    built: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluates ``lm`` on ``tasks``; writes ``results.json`` and the samples files when ``output_dir`` is given.
 
     Args:
       lm: an :class:`imitax.eval.lm.LM`, or any object with the methods the tasks call.
-      tasks: task name -> keyword config of its class, e.g.
-        ``{"mmlu": {"data_dir": "data/mmlu", "num_fewshot": 5}}``.
+      tasks: alias -> keyword config of its task class (``task=NAME`` when the alias is not the
+        task's name), e.g. ``{"mmlu": {"data_dir": "data/mmlu", "num_fewshot": 5}}``.
       output_dir: where the files go (created if needed); None writes nothing.
       model_info: what was evaluated (path, step, ...), stored as ``model``.
       progress: progress bars and one line per task on stderr.
+      built: ``build_tasks(tasks)`` made earlier (tasks hold no per-model state, so one build
+        serves every model); None builds and loads them here.
 
     Returns:
       The JSON-able dict written to ``results.json`` (see the module docstring).
@@ -183,7 +203,10 @@ def evaluate(
 
     started, start = records.now(), time.perf_counter()
     tasks = _plain(tasks)
-    built = build_tasks(tasks)
+    if built is None:
+        built = build_tasks(tasks)
+    elif list(built) != list(tasks):
+        raise ValueError(f"built tasks {list(built)} are not the tasks {list(tasks)}")
     _check_generation_lengths(lm, built)
     out_dir = pathlib.Path(output_dir) if output_dir is not None else None
     writer = out_dir is not None and jax.process_index() == 0

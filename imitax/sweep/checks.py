@@ -9,7 +9,7 @@ import ml_collections
 from etils import epath
 
 from imitax import convert
-from imitax.sweep.config import BASE_MODEL_FIELDS, SweepError, default_config, items, resolved, task_spec
+from imitax.sweep.config import BASE_MODEL_FIELDS, SweepError, default_config, eval_tasks, items, resolved
 from imitax.sweep.plan import Cell, cell_train_config, expand
 from imitax.train import config as train_config
 
@@ -45,6 +45,11 @@ def _check_files(spec: str, where: str) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[Cell]:
+    """Checks the whole grid before anything runs (see :func:`validate_and_build`); returns its cells."""
+    return validate_and_build(config, workdir)[0]
+
+
+def validate_and_build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[list[Cell], dict]:
     """Checks the whole grid before anything runs; returns its cells.
 
     Paths may use ``{workdir}`` and ``{world}`` (the demo's generated data, built before this
@@ -55,6 +60,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
     holds (counted once per source and tokenizer, through the token cache the cells reuse),
     every evaluation task (registered name, accepted keywords, data files present), the
     teacher's metric names.
+
+    Returns:
+      The cells, and the evaluation tasks built and loaded (alias -> task), which every cell's
+      evaluation reuses.
 
     Raises:
       SweepError: naming the first field that is wrong and what to do.
@@ -135,16 +144,16 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> l
     _check_budgets_fit(config, workdir, cells)
     if not config.eval.tasks:
         raise SweepError("eval.tasks: empty; name at least one task, e.g. --config.eval.tasks.mmlu.data_dir=DIR")
-    for alias, spec in config.eval.tasks.items():
-        task, kwargs = task_spec(alias, spec)
+    built = {}
+    for alias, spec in eval_tasks(config).items():
         try:  # builds the task and reads its data: a missing file fails now, not after training
-            evaluator.build_tasks({task: kwargs}, load=True)
+            built |= evaluator.build_tasks({alias: spec}, load=True)
         except (ValueError, FileNotFoundError) as e:
             raise SweepError(f"eval.tasks.{alias}: {e}") from None
     for key in config.teacher:
         if key.split("/")[0] not in config.eval.tasks:
             raise SweepError(f"teacher: {key!r} names no evaluation task (tasks: {', '.join(config.eval.tasks)})")
-    return cells
+    return cells, built
 
 
 def _check_trainer(train: ml_collections.ConfigDict, where: str, model=None):

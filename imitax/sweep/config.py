@@ -99,9 +99,12 @@ def resolved(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_colle
         return _substitute(config, names)
 
 
-def task_spec(alias: str, spec: Any) -> tuple[str, dict[str, Any]]:
-    kwargs = dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec or {})
-    return kwargs.pop("task", alias), kwargs
+def eval_tasks(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """``eval.tasks`` as the evaluator takes it: alias -> keyword config (``task=NAME`` when they differ)."""
+    return {
+        alias: dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec or {})
+        for alias, spec in config.eval.tasks.items()
+    }
 
 
 STYLE_METRICS = ("list_recall", "summary_recall", "unigram_f1", "length_corr")

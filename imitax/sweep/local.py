@@ -19,8 +19,8 @@ from absl import logging
 from etils import epath
 
 from imitax import convert, records
-from imitax.sweep.checks import check_keys, validate
-from imitax.sweep.config import CELL_FILE, UNGUARDED_FIELDS, SweepError, default_config, items, resolved, task_spec
+from imitax.sweep.checks import check_keys, validate_and_build
+from imitax.sweep.config import CELL_FILE, UNGUARDED_FIELDS, SweepError, default_config, eval_tasks, items, resolved
 from imitax.sweep.plan import Cell, base_path, cell_path, cell_settings, cell_train_config
 from imitax.sweep.report import format_value, report
 
@@ -90,8 +90,8 @@ def _count_params(model_path: str) -> int:
     return convert.model_config(model_path).num_params()
 
 
-def _evaluate(config, cell: Cell, model_path: epath.Path, out: epath.Path) -> dict[str, Any]:
-    """Evaluates the model at ``model_path`` on every task; returns metrics, stderrs and counts."""
+def _evaluate(config, tasks: dict, cell: Cell, model_path: epath.Path, out: epath.Path) -> dict[str, Any]:
+    """Evaluates the model at ``model_path`` on every task (built once per sweep); returns metrics, stderrs, counts."""
     from imitax import sharding
     from imitax.eval import evaluator
     from imitax.eval.lm import LM
@@ -100,17 +100,17 @@ def _evaluate(config, cell: Cell, model_path: epath.Path, out: epath.Path) -> di
     with jax.set_mesh(mesh):
         lm = LM.from_path(str(model_path), mesh=mesh, batch_size=config.eval.batch_size)
         metrics, stderr, counts = {}, {}, {}
-        for alias, spec in config.eval.tasks.items():
-            task, kwargs = task_spec(alias, spec)
+        for alias, spec in eval_tasks(config).items():
             task_out = out / alias if jax.process_index() == 0 else None
             results = evaluator.evaluate(
                 lm,
-                {task: kwargs},
+                {alias: spec},
                 None if task_out is None else str(task_out),
                 model_info={"path": str(model_path), "cell": cell.id},
                 progress=False,
+                built={alias: tasks[alias]},
             )
-            r = results["results"][task]
+            r = results["results"][alias]
             metrics.update({f"{alias}/{k}": v for k, v in r["metrics"].items()})
             stderr.update({f"{alias}/{k}": v for k, v in r.get("stderr", {}).items()})
             counts[alias] = r["n"]
@@ -123,7 +123,7 @@ def _new_record(cell: Cell, fingerprint: str, **fields) -> dict[str, Any]:
     return record | fields
 
 
-def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict[str, Any]:
+def _run_cell(config, tasks: dict, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict[str, Any]:
     from imitax.train import loop
 
     cell_dir = cell_path(workdir, cell)
@@ -145,7 +145,7 @@ def _run_cell(config, workdir: epath.Path, cell: Cell, fingerprint: str) -> dict
         record["train"] = {"seconds": time.perf_counter() - start, **result}
         model_path = cell_dir / "train"
     start = time.perf_counter()
-    record.update(_evaluate(config, cell, model_path, cell_dir / "eval"))
+    record.update(_evaluate(config, tasks, cell, model_path, cell_dir / "eval"))
     record["eval_seconds"] = time.perf_counter() - start
     record["params"] = _count_params(str(base_path(config, workdir, cell.model)))
     record["status"] = "done"
@@ -197,7 +197,7 @@ def run(
     _check_workdir(config, workdir, allow_config_change)
     if config.world:
         _build_world(config, workdir, log)
-    cells = validate(config, workdir)
+    cells, tasks = validate_and_build(config, workdir)
     config = resolved(config, workdir)
     start = time.perf_counter()
     log(f"sweep {config.name!r}: {len(cells)} cells, {len(config.base_models)} base models, workdir {workdir}")
@@ -218,7 +218,7 @@ def run(
         log(f"[{i}/{len(cells)}] {cell.id}: {'evaluating' if cell.source is None else 'training'}{resumed}")
         t0 = time.perf_counter()
         try:
-            record = _run_cell(config, workdir, cell, fingerprint)
+            record = _run_cell(config, tasks, workdir, cell, fingerprint)
         except _Preempted:
             log(f"[{i}/{len(cells)}] {cell.id}: preempted (SIGTERM); rerun the same command to resume")
             return {"preempted": True, "cells": len(cells)}
