@@ -27,7 +27,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_models import to_imitax
+from hf_models import randomize, to_imitax
 
 from imitax import models
 from imitax.eval.scoring import Scorer
@@ -105,25 +105,6 @@ KINDS = {
 }
 
 
-def _randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
-    """Re-draws every parameter: norm scales ``1 + std * noise``, all else (biases too) ``std * noise``.
-
-    transformers initializes biases to 0 and norm scales to 1; those would hide
-    a bias or norm that imitax drops or maps wrongly at long positions too.
-    """
-
-    def is_norm(m):
-        return isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
-
-    norm_scales = {id(m.weight) for m in model.modules() if is_norm(m)}
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=generator) * std
-            p.copy_(1 + noise if id(p) in norm_scales else noise)
-    return model
-
-
 @functools.cache
 def long_models(kind: str):
     """``(torch float32, torch float64, imitax float32)`` models of ``kind``, built once (do not mutate)."""
@@ -132,7 +113,7 @@ def long_models(kind: str):
     torch32 = transformers.AutoModelForCausalLM.from_config(
         cls(**kwargs), attn_implementation="eager", dtype=torch.float32
     ).eval()
-    _randomize(torch32, seed=0)
+    randomize(torch32, seed=0)  # biases and norm scales too: transformers starts them at 0 and 1
     return torch32, copy.deepcopy(torch32).double(), to_imitax(torch32)
 
 
