@@ -61,7 +61,6 @@ import collections
 import contextlib
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -88,6 +87,9 @@ from imitax.eval.tasks import mmlu  # noqa: E402
 
 _MMLU_JSONL = flags.DEFINE_string("mmlu_jsonl", None, "MMLU test questions, one JSONL file (see the docstring).")
 _QUESTIONS = flags.DEFINE_integer("questions", 8, "Test questions per subject (after its 5 few-shot examples).")
+_SUBJECTS = flags.DEFINE_integer(
+    "subjects", None, "Only this many subjects, evenly spaced in name order (a quicker check; default: all 57)."
+)
 _MODELS = flags.DEFINE_list("models", ["gpt2", "llama"], "Model shapes: gpt2, llama.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF tokenizer dir, or a dir with encoder.json + vocab.bpe.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "imitax rows per forward pass.")
@@ -134,7 +136,8 @@ def read_questions(path: str) -> tuple[dict[str, list[dict]], int]:
 
 def write_splits(by_subject: dict[str, list[dict]], directory: str, questions: int) -> None:
     """Each subject's first 5 questions as ``dev.jsonl``, the next ``questions`` as ``test.jsonl``."""
-    with open(os.path.join(directory, "dev.jsonl"), "w") as dev, open(os.path.join(directory, "test.jsonl"), "w") as test:
+    dev_path, test_path = os.path.join(directory, "dev.jsonl"), os.path.join(directory, "test.jsonl")
+    with open(dev_path, "w") as dev, open(test_path, "w") as test:
         for docs in by_subject.values():
             if len(docs) < SHOTS + questions:
                 raise ValueError(f"subject {docs[0]['subject']}: {len(docs)} questions < {SHOTS} + {questions}")
@@ -343,6 +346,10 @@ def main(_):
     elif _MMLU_JSONL.value:
         by_subject, dropped = read_questions(_MMLU_JSONL.value)
         source = _MMLU_JSONL.value
+        if _SUBJECTS.value:
+            names = sorted(by_subject)
+            keep = {names[int(i)] for i in np.linspace(0, len(names) - 1, _SUBJECTS.value).round()}
+            by_subject = {k: v for k, v in by_subject.items() if k in keep}
     else:
         raise app.UsageError("--mmlu_jsonl=PATH (real questions) or --smoke")
     work = tempfile.mkdtemp(prefix="mmlu_benchmark_")
@@ -405,7 +412,8 @@ def main(_):
 
         harness = {}
         for batch in [] if _SKIP_HARNESS.value else _HARNESS_BATCHES.value:
-            key = f"{kind}/q{questions}/b{batch}/{tokenizer_digest(tokenizer)}/{'smoke' if _SMOKE.value else 'full'}"
+            scope = "smoke" if _SMOKE.value else f"s{len(by_subject)}"
+            key = f"{kind}/q{questions}/b{batch}/{tokenizer_digest(tokenizer)}/{scope}"
             if key in harness_cache:
                 harness[batch] = {**harness_cache[key], "cached": True}
             else:
@@ -475,7 +483,11 @@ def report(kind, questions, docs, answers, runs, harness, ours) -> None:
         accs = {accuracy(r["lls"], answers) for r in [*runs.values(), *harness.values()]}
         worst = max(max(abs(a - b) for a, b in zip(ours["lls"], h["lls"], strict=True)) for h in harness.values())
         checks = [
-            (f"wall speed-up vs harness b8 >= {target or '-'}x", f"{speedup:.2f}x", None if target is None else speedup >= target),
+            (
+                f"wall speed-up vs harness b8 >= {target or '-'}x",
+                f"{speedup:.2f}x",
+                None if target is None else speedup >= target,
+            ),
             ("identical accuracy (every run)", f"{sorted(accs)}", len(accs) == 1),
             (f"per-choice |ll diff| <= {LL_TOLERANCE}", f"{worst:.1e}", worst <= LL_TOLERANCE),
             (f"compiled programs <= {MAX_PROGRAMS}", f"{s['programs']}", s["programs"] <= MAX_PROGRAMS),
