@@ -236,9 +236,11 @@ def subjects(seed: int, positions: int) -> list[tuple[list[int], list[int]]]:
 
     Per subject: a random prefix (its length varies, so a wave holds prefixes
     of different lengths), questions of varied lengths with the choices 1..4
-    and a multi-token answer, and one question too long for the window (its
-    request is truncated from the left and no longer shares the prefix). The
-    last subject has a single question, one model input: it forms no group.
+    and a multi-token answer, one question too long for the window (its
+    request is truncated from the left and no longer shares the prefix), and
+    two truncated questions whose windows start at the same token (a group of
+    their own). The last subject has a single whole question, one model
+    input: it forms no group.
     """
     rs = np.random.RandomState(seed)
     requests = []
@@ -252,6 +254,11 @@ def subjects(seed: int, positions: int) -> list[tuple[list[int], list[int]]]:
                 requests.append((context, rs.randint(1, VOCAB, 3).tolist()))
         long_context = prefix + rs.randint(1, VOCAB, positions).tolist()
         requests += [(long_context, [k]) for k in (1, 2)]
+        # Two prompts of one length past the window: truncated, both start at the same token, so they share
+        # (the rest of) the prefix and what follows it, and form a group of their own.
+        shared = prefix + rs.randint(1, VOCAB, positions - len(prefix) + 5).tolist()
+        for _ in range(2):
+            requests += [(shared + rs.randint(1, VOCAB, 10).tolist(), [k]) for k in (1, 2)]
     return requests
 
 
@@ -263,9 +270,10 @@ def test_waves_of_prefix_groups_truncated_and_lone_rows_match_transformers(kind)
     scorer = Scorer(model, batch_size=4, min_shared_prefix=8)
     got = scorer.loglikelihood_tokens(requests)
     assert_close(got, [hf_loglikelihood(torch_model, c, k, positions) for c, k in requests])
-    # Ten subjects formed groups (two waves: 8, then 2 and dummy rows); the lone one and the truncated rows ran plain.
-    assert scorer.stats.prefix_groups == 10
-    assert scorer.stats.truncated == 11 * 2
+    # Ten subjects and eleven pairs of truncated prompts formed groups (three waves: 8, 8, then 5 and
+    # dummy rows); the lone question and the other truncated prompts ran plain.
+    assert scorer.stats.prefix_groups == 10 + 11
+    assert scorer.stats.truncated == 11 * (2 + 4)
     assert len(scorer.stats.programs) <= 1 + scoring._MAX_PLAIN_WIDTHS + 3 + scoring._MAX_SUFFIX_WIDTHS
     # The same requests in another order: same results (waves and batches are formed from sorted rows).
     order = np.random.RandomState(0).permutation(len(requests))

@@ -42,14 +42,21 @@ How the work is arranged. Requests are reduced to distinct model inputs
 " A".." D" differ only in the last, predicted token) share one forward pass.
 Rows are then sorted by their tokens, and runs of rows that share a long
 common *token* prefix (a 5-shot MMLU subject: the description and five solved
-examples, ~84% of every prompt) form a group: the prefix's KV cache is computed
-once and every row's suffix is scored against it, with positions continuing
-after the prefix, so the prefix is never recomputed. Other rows run plainly.
-Rows are left-padded (so the scored positions are the last slots of every row)
-into a small set of length buckets (multiples of 32 up to 512, then eight per
-power of two) and a fixed batch size, so a whole benchmark compiles a bounded
-number of programs; :attr:`Scorer.stats` counts them. Only the scored positions
-are projected onto the vocabulary, and the log-softmax is computed in float32.
+examples, ~84% of every prompt) form a group. Rows truncated from the left
+share a prefix only with rows whose window starts at the same token (they are
+grouped then: a key or value depends on every token before it and on its
+position, so nothing else is exactly reusable); the rest run plainly.
+
+Groups go in waves of eight, sorted by prefix length: a wave's prefixes are
+computed together, chunk by chunk, into one KV cache (a row per group), and
+its suffixes are scored in batches sorted by length *across* its groups, each
+row reading its own group's cache row, with positions continuing its own
+prefix. Rows are left-padded (so the scored positions are the last slots of
+every row) to one of a few widths chosen per call to pad least (at most four
+for plain rows, six for suffixes, from a fixed ladder), so a whole benchmark
+compiles a bounded number of programs; :attr:`Scorer.stats` counts them. Only
+the scored positions are projected onto the vocabulary, and the log-softmax is
+computed in float32.
 """
 
 from __future__ import annotations
