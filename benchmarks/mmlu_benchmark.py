@@ -4,8 +4,10 @@ r"""MMLU 5-shot scoring on real questions: imitax vs the lm-evaluation-harness `
   python benchmarks/mmlu_benchmark.py --smoke        # tiny models, synthetic questions: checks that it runs
 
 The harness is a benchmark-only reference, not a dependency of imitax:
-``pip install lm-eval==0.4.13`` into the same environment (the version these
-results were taken with; ``--skip_harness`` times imitax alone).
+``pip install lm-eval==0.4.13 accelerate==1.15.0`` into the same environment
+(the versions these results were taken with; the harness's ``hf`` backend
+imports accelerate, which lm-eval does not pull in; ``--skip_harness`` times
+imitax alone).
 
 Data. ``--mmlu_jsonl``: the 14,042 MMLU test questions of the 57 subjects as
 one JSONL file, in the ``cais/mmlu`` fields (``question``, ``subject``,
