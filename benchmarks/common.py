@@ -176,6 +176,36 @@ def _time_matmuls(a_np, b_np, xla_backends, torch_threads, iters) -> dict[str, T
     return time_interleaved(fns, warmup=1, iters=iters)
 
 
+# -- memory bandwidth ------------------------------------------------------------------
+
+
+def copy_probes(nbytes: int = 256 * 2**20) -> tuple[dict[str, Callable[[], Any]], int]:
+    """STREAM-style copies of ``nbytes`` of float32, to time alongside other work; and the bytes each moves.
+
+    Returns ``({'copy xla': ..., 'copy numpy': ...}, bytes read plus bytes
+    written)``: XLA's compiled copy into a donated array of the same size (so it
+    writes into existing memory, as STREAM does, instead of faulting in a new
+    output each call), and NumPy's ``copyto``.
+    """
+    n = nbytes // 4
+    src = jnp.arange(n, dtype=jnp.float32)
+    copy = jax.jit(lambda s, d: d.at[:].set(s), donate_argnums=1)
+    dst = [copy(src, jnp.zeros(n, jnp.float32))]
+
+    def xla_copy():
+        dst[0] = copy(src, dst[0])
+        return dst[0]
+
+    src_np, dst_np = np.arange(n, dtype=np.float32), np.zeros(n, np.float32)
+    return {"copy xla": xla_copy, "copy numpy": lambda: np.copyto(dst_np, src_np)}, 2 * n * 4
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, iters: int = 5) -> dict[str, float]:
+    """Median bytes/s of :func:`copy_probes`' copies: ``{'copy xla': ..., 'copy numpy': ...}``."""
+    probes, moved = copy_probes(nbytes)
+    return {name: moved / t.median for name, t in time_interleaved(probes, warmup=1, iters=iters).items()}
+
+
 # -- FLOP counts -----------------------------------------------------------------------
 
 

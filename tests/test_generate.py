@@ -16,6 +16,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from imitax import sharding
 from imitax.eval import generate, sample_logits, top_k_filter, top_p_filter
 from imitax.eval.generate import _decode, _prefill
+from imitax.models import layers
 
 generate_module = sys.modules["imitax.eval.generate"]  # `imitax.eval.generate` is the function
 
@@ -67,6 +68,73 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     batched = generate(model, prompts, max_new_tokens=NEW_TOKENS)
     assert batched == [generate(model, [p], max_new_tokens=NEW_TOKENS)[0] for p in prompts]
     assert all(len(row) == NEW_TOKENS for row in batched)
+
+
+@pytest.fixture
+def fresh_programs():
+    """Clears JAX's compiled programs before and after: a test that patches a trace-time constant needs new ones."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+# A cache of 80 slots (bucket 40: prompts of <= 12 tokens pad to 40, plus 32 new
+# tokens): blocks of 16 divide it; with blocks of 28 the last block (slots 52..79)
+# overlaps the one before it, whose slots it must not count twice.
+@pytest.mark.parametrize("block", [16, 28])
+@pytest.mark.parametrize("kind", ["gpt2", "mistral"])  # per-layer softmax scale; sliding window + grouped KV heads
+def test_blocked_cache_reads_match_transformers(kind, block, monkeypatch, fresh_programs):
+    """Attention reading the cache in blocks with an online softmax (the CPU path past CACHE_BLOCK slots)."""
+    torch_model, model = tiny_pair(kind)
+    prompts = make_prompts(seed=7)
+    want = hf_greedy(torch_model, prompts)
+    monkeypatch.setattr(layers, "CACHE_BLOCK", block)
+    reads = []
+    attend = layers.cached_attention
+    monkeypatch.setattr(layers, "cached_attention", lambda *a, **k: reads.append(a[1].shape[3]) or attend(*a, **k))
+    assert generate(model, prompts, max_new_tokens=NEW_TOKENS, bucket=40) == want
+    assert reads and all(s == 80 > block for s in reads), "the blocked path did not run"
+
+
+def test_blocked_cache_reads_on_a_mesh(monkeypatch, fresh_programs):
+    """The block loop under sharding: batch over data and fsdp, KV heads over tensor."""
+    torch_model, model = tiny_pair("llama3")  # grouped KV heads: 2, one per tensor shard
+    prompts = make_prompts(seed=10)
+    want = hf_greedy(torch_model, prompts)
+    monkeypatch.setattr(layers, "CACHE_BLOCK", 28)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    with jax.set_mesh(mesh):
+        assert generate(nnx.merge(graphdef, state), prompts, max_new_tokens=NEW_TOKENS, bucket=40) == want
+
+
+def test_decode_updates_the_donated_cache_in_place(monkeypatch):
+    """The compiled decode loop writes new keys and values into the donated cache: it never copies or zero-fills one."""
+    _, model = tiny_pair("llama")
+    calls = []
+
+    def decode(*args, **kwargs):
+        abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array) else a
+        calls.append((jax.tree.map(abstract, args), kwargs))
+        return _decode(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "_decode", decode)
+    # 8 rows of 512 slots: the stacked keys (2 layers) outweigh a layer's weights, which the loop does copy.
+    generate(model, make_prompts(lengths=(5,) * 8), max_new_tokens=100, bucket=256)
+    ((args, kwargs),) = calls
+    compiled = _decode.lower(*args, **kwargs).compile()
+    k = args[3]["k"]
+    k_bytes = k.size * k.dtype.itemsize
+    stats = compiled.memory_analysis()
+    # The keys and values come back as outputs in the buffers they came in.
+    assert stats.alias_size_in_bytes >= 2 * k_bytes
+    # No temporary the size of the stacked keys: no zero-filled stack of the layers' outputs, no copy of the cache.
+    assert stats.temp_size_in_bytes < k_bytes, (stats.temp_size_in_bytes, k_bytes)
+    stacked = "f32[" + ",".join(map(str, k.shape)) + "]"
+    lines = compiled.as_text().splitlines()
+    made = [line for line in lines if f"= {stacked}" in line and ("copy(" in line or "broadcast(" in line)]
+    assert not made, made
 
 
 def test_second_call_reuses_the_compiled_programs():
@@ -179,9 +247,9 @@ def test_several_eos_ids_and_the_loop_exits_when_every_row_has_finished(monkeypa
     steps = []
 
     def decode(*args, **kwargs):
-        out, num_steps = _decode(*args, **kwargs)
+        out, num_steps, cache = _decode(*args, **kwargs)
         steps.append(int(num_steps))
-        return out, num_steps
+        return out, num_steps, cache
 
     monkeypatch.setattr(generate_module, "_decode", decode)
     got = generate(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_id=eos)
@@ -197,8 +265,6 @@ def test_bad_arguments_are_refused():
     _, model = tiny_pair("gpt2")
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []], max_new_tokens=4)
-    with pytest.raises(ValueError, match="learned positions"):
-        generate(model, [[1] * 40], max_new_tokens=30)  # GPT-2 here has 64 positions
     with pytest.raises(ValueError, match="token ids"):
         generate(model, [[1, VOCAB]], max_new_tokens=4)
     with pytest.raises(ValueError, match="top_p"):
@@ -215,3 +281,39 @@ def test_generation_on_a_mesh_equals_single_device():
     state = jax.device_put(state, sharding.state_shardings(state, mesh))
     with jax.set_mesh(mesh):
         assert generate(nnx.merge(graphdef, state), prompts, max_new_tokens=12) == want
+
+
+# -- lengths beyond the model's positions ----------------------------------------------------------
+
+
+def test_lengths_beyond_learned_positions_are_refused_before_compiling(monkeypatch):
+    torch_model, model = tiny_pair("gpt2")  # 64 learned positions
+    assert model.cfg.max_position_embeddings == 64
+    compiled = []
+    monkeypatch.setattr(generate_module, "_prefill", lambda *a, **k: compiled.append(1))
+    for prompts, new in (([[1] * 40], 25), ([[1] * 3, [2] * 60], 5), ([[1] * 65], 1)):
+        longest = max(map(len, prompts))
+        with pytest.raises(ValueError) as info:
+            generate(model, prompts, max_new_tokens=new)
+        message = str(info.value)
+        # What was asked, the limit, why, and what to change.
+        assert f"longest prompt ({longest} tokens) plus max_new_tokens ({new}): {longest + new}" in message
+        assert "64 learned positions" in message and "no embedding" in message
+        assert "set len(longest prompt) + max_new_tokens to at most 64" in message
+    assert not compiled, "the length was checked after compiling"
+
+
+def test_lengths_up_to_learned_positions_generate():
+    torch_model, model = tiny_pair("gpt2")
+    prompts = make_prompts(seed=8, lengths=(40, 7))
+    # 40 + 24 = 64 positions: the whole table, the last row of it included.
+    assert generate(model, prompts, max_new_tokens=24) == hf_greedy(torch_model, prompts, max_new_tokens=24)
+
+
+def test_rope_lengths_beyond_max_positions_warn_and_run():
+    torch_model, model = tiny_pair("llama")
+    limit = model.cfg.max_position_embeddings
+    prompts = make_prompts(seed=9, lengths=(limit - 4,))
+    with pytest.warns(UserWarning, match="not trained at that length"):
+        got = generate(model, prompts, max_new_tokens=8)
+    assert got == hf_greedy(torch_model, prompts, max_new_tokens=8)

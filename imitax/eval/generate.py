@@ -103,7 +103,9 @@ def _prefill(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, *, cache_
     return model.logits(h_bte[:, -1:])[:, 0], constrain_cache(cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_out", "greedy"))
+# The cache (argument 3) is donated: the loop then updates the caller's buffer in
+# place (it comes back as an output that aliases it) instead of copying it first.
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_out", "greedy"), donate_argnums=(3,))
 def _decode(
     graphdef,
     state,
@@ -123,8 +125,9 @@ def _decode(
     """Decodes up to ``max_new_tokens`` tokens, the first one from the prefill's ``logits_bv``.
 
     Returns:
-      ``(tokens [batch, num_out], steps)``: the tokens (padding after a row's
-      eos) and how many were decoded before every row had finished.
+      ``(tokens [batch, num_out], steps, cache)``: the tokens (padding after a
+      row's eos), how many were decoded before every row had finished, and the
+      final cache (returned so that the donated one is updated in place).
     """
     model = nnx.merge(graphdef, state)
     first_b = _next_token(jax.random.fold_in(key, 0), logits_bv, sampling, greedy)
@@ -148,9 +151,9 @@ def _decode(
         done_b = done_b | jnp.isin(token_b, eos_ids)
         return step + 1, token_b, constrain_cache(cache), positions_b + 1, done_b, out_bn
 
-    carry = (jnp.int32(1), first_b, cache, positions_b, done_b, out_bn)
-    steps, *_, out_bn = jax.lax.while_loop(cond, body, carry)
-    return out_bn, steps
+    carry = (jnp.int32(1), first_b, constrain_cache(cache), positions_b, done_b, out_bn)
+    steps, _, cache, _, _, out_bn = jax.lax.while_loop(cond, body, carry)
+    return out_bn, steps, cache
 
 
 # -- the entry point ----------------------------------------------------------------------
@@ -213,11 +216,13 @@ def generate(
     if not all(0 <= t < cfg.vocab_size for p in prompts for t in p):
         raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size})")
     longest = max(map(len, prompts))
-    if cfg.position == "learned" and longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the model's "
-            f"{cfg.max_position_embeddings} learned positions"
-        )
+    # Before anything compiles: a learned-position model has no embedding past its
+    # table (refused), a RoPE model was not trained there (a warning).
+    cfg.check_length(
+        longest + max_new_tokens,
+        what=f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}):",
+        fix="len(longest prompt) + max_new_tokens",
+    )
     if mesh is None and not jax.sharding.get_mesh().empty:
         mesh = jax.sharding.get_mesh()
 
@@ -252,7 +257,7 @@ def generate(
         lengths_b, real_b = (jax.device_put(a, sharding.batch_sharding(mesh, 1)) for a in (lengths_b, real_b))
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         logits_bv, cache = _prefill(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, cache_len=cache_len)
-        out_bn, _ = _decode(
+        out_bn, _, _ = _decode(
             graphdef,
             state,
             logits_bv,

@@ -25,7 +25,7 @@ Cache = dict[str, Any]
 
 def constrain_cache(cache: Cache) -> Cache:
     """Pins a KV cache (:meth:`Transformer.init_cache`'s layout) to its logical sharding inside jit."""
-    kv = ("layers", "act_batch", None, "act_kv_heads", None)
+    kv = ("layers", "act_batch", "act_kv_heads", None, None)
     return {
         **cache,
         "k": constrain(cache["k"], kv),
@@ -145,9 +145,17 @@ class Transformer(nnx.Module):
         return self.logits(h_bte), cache
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
-        """An empty KV cache for ``batch_size`` rows of up to ``max_length`` tokens."""
+        """An empty KV cache for ``batch_size`` rows of up to ``max_length`` tokens.
+
+        Keys and values are ``[layers, batch, kv_heads, max_length, head_dim]``:
+        stacked over the layers, so the layer loop carries them and writes each
+        layer's new slots in place; slots inside heads, so that attention's dots
+        read a layer's cache (batch and kv heads their batch dimensions) without
+        transposing it first. ``segment_ids`` and ``positions`` (``[batch,
+        max_length]``) describe the slots, ``index`` is the next free slot.
+        """
         cfg = self.cfg
-        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
         dtype = dtype or cfg.dtype
         return {
             "k": jnp.zeros(shape, dtype),
@@ -224,33 +232,42 @@ class Transformer(nnx.Module):
         if rng_b is not None:
             layer_rng = jax.vmap(lambda i: layers.fold_in(rng_b, i + 1))(jnp.arange(cfg.num_layers))
 
-        def layer(x_bte, xs):
-            state, window, scale, kv, rng = xs
+        kv_axes = ("layers", "act_batch", "act_kv_heads", None, None)
+
+        # The carry: the activations, and the whole stacked cache when there is
+        # one. Each layer writes its new keys and values into the carried cache
+        # in place (dynamic_update_slice at its layer index); scanning over the
+        # cache as xs and stacking per-layer outputs would instead build a new
+        # cache every call (a zero-filled buffer, each layer's copy written
+        # into it, then copied into the loop carry).
+        def layer(carry, xs):
+            state, window, scale, rng, index = xs
+            x_bte, kv = (carry, None) if cache is None else (carry[0], (*carry[1:], index))
             mask = mask_bts & (distance_bts < window)
             # Without a cache the keys are these tokens and the mask is causal by construction.
             x_bte, kv = nnx.merge(graphdef, state)(
                 x_bte, positions, mask, scale, kv, start, causal=cache is None, dropout_rates=rates, rng_b=rng
             )
-            return x_bte, kv
+            if kv is None:
+                return x_bte, None
+            return (x_bte, constrain(kv[0], kv_axes), constrain(kv[1], kv_axes)), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-        kv = None if cache is None else (cache["k"], cache["v"])
-        xs = (layer_state, windows, scales, kv, layer_rng)
+        carry = x_bte if cache is None else (x_bte, constrain(cache["k"], kv_axes), constrain(cache["v"], kv_axes))
+        xs = (layer_state, windows, scales, layer_rng, jnp.arange(cfg.num_layers, dtype=jnp.int32))
         if cfg.scan_layers:
-            x_bte, kv = jax.lax.scan(layer, x_bte, xs)
+            carry, _ = jax.lax.scan(layer, carry, xs)
         else:
-            outs = []
             for i in range(cfg.num_layers):
-                x_bte, kv_i = layer(x_bte, jax.tree.map(lambda a, i=i: a[i], xs))
-                outs.append(kv_i)
-            kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                carry, _ = layer(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+        x_bte = carry if cache is None else carry[0]
 
         h_bte = self.final_norm(x_bte)
         if cache is not None:
             cache = {
-                "k": kv[0],
-                "v": kv[1],
+                "k": carry[1],
+                "v": carry[2],
                 "segment_ids": k_seg_bs,
                 "positions": k_pos_bs,
                 "index": start + t,
