@@ -18,6 +18,10 @@ import jax.numpy as jnp
 # Remat policies by name; 'none' keeps every activation, 'full' recomputes each layer.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
+# Attention implementations (imitax.models.layers.resolve_attention_impl): 'auto'
+# picks cuDNN flash on GPU, splash on TPU and the blocked XLA path elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerConfig:
@@ -51,6 +55,8 @@ class TransformerConfig:
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
       remat: one of :data:`REMAT_POLICIES`; scan_layers: ``lax.scan`` over the
         (always stacked) layer parameters instead of a Python loop.
+      attention_impl: one of :data:`ATTENTION_IMPLS`, how attention without a
+        KV cache is computed (see ``imitax.models.layers.resolve_attention_impl``).
     """
 
     family: ClassVar[str] = "transformer"
@@ -90,6 +96,7 @@ class TransformerConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         def check(ok: bool, message: str):
@@ -104,6 +111,10 @@ class TransformerConfig:
             rate = getattr(self, name)
             check(0.0 <= rate < 1.0, f"{name} must be in [0, 1), got {rate!r}")
         check(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        check(
+            self.attention_impl in ATTENTION_IMPLS,
+            f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}",
+        )
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))

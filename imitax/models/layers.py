@@ -7,6 +7,7 @@ d head dim, m mlp, v vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imitax.models.config import TransformerConfig
+from imitax.models.config import ATTENTION_IMPLS, TransformerConfig
 from imitax.sharding import constrain
 
 INIT_STD = 0.02
@@ -202,6 +203,11 @@ class Attention(nnx.Module):
         # A tuple, not an array: NNX keeps plain Python values as static structure.
         self.inv_freq = tuple(rope_inv_freq(cfg).tolist()) if cfg.position == "rope" else None
         self.num_kv_heads = k
+        self.attention_impl = cfg.attention_impl
+        # The distinct windows of all layers (None = unlimited), static: the
+        # splash kernel's masks are built at trace time, one per window, and a
+        # layer picks its own by its (traced) window.
+        self.windows = tuple(sorted(set(cfg.layer_windows()), key=lambda w: -1 if w is None else w))
 
     def __call__(
         self,
@@ -215,6 +221,8 @@ class Attention(nnx.Module):
         *,
         dropout_rate=0.0,
         rng_b=None,
+        segment_ids_bt=None,
+        window=None,
     ):
         """Attends ``x`` to itself (and to the cached keys when ``kv_cache`` is given).
 
@@ -235,6 +243,9 @@ class Attention(nnx.Module):
           dropout_rate, rng_b: dropout on the attention probabilities (as
             GPT-2's ``attn_pdrop``, LLaMA's and GPT-NeoX's ``attention_dropout``)
             with one key per row; ``rng_b=None`` is deterministic.
+          segment_ids_bt, window: the tokens' segment ids (0 = padding) and this
+            layer's window (a traced int; the transformer passes 2**30 for none): what the
+            splash kernel needs instead of ``mask_bts`` (which already has both).
 
         Returns:
           ``(out_bte, new_kv_cache)``.
@@ -258,9 +269,25 @@ class Attention(nnx.Module):
                 q_bthd, k_lbksd, v_lbksd, layer, mask_bts, scale, length, dropout_rate=dropout_rate, rng_b=rng_b
             )
             return self.o_proj("bthd,hde->bte", out_bthd), (k_lbksd, v_lbksd, layer)
-        out_bthd = dot_product_attention(
-            q_bthd, k_btkd, v_btkd, mask_bts, scale, causal=causal, dropout_rate=dropout_rate, rng_b=rng_b
+        impl = resolve_attention_impl(
+            self.attention_impl,
+            dtype=q_bthd.dtype,
+            head_dim=q_bthd.shape[-1],
+            length=q_bthd.shape[1],
+            dropout=dropout_rate > 0 and rng_b is not None,
         )
+        if impl == "cudnn":
+            out_bthd = jax_nn_attention(q_bthd, k_btkd, v_btkd, mask_bts, scale, causal=causal)
+        elif impl == "splash":
+            if not causal or segment_ids_bt is None:
+                raise ValueError("splash attention needs causal self-attention with segment ids")
+            out_bthd = splash_attention(
+                q_bthd, k_btkd, v_btkd, segment_ids_bt, scale, window=window, windows=self.windows
+            )
+        else:
+            out_bthd = dot_product_attention(
+                q_bthd, k_btkd, v_btkd, mask_bts, scale, causal=causal, dropout_rate=dropout_rate, rng_b=rng_b
+            )
         return self.o_proj("bthd,hde->bte", out_bthd), None
 
 
@@ -310,6 +337,162 @@ def _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale, dropout_rate=0.0, rng_b=Non
     probs = dropout(probs, dropout_rate, rng_b)
     out_btkgd = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v_bskd)
     return out_btkgd.reshape(b, t, h, v_bskd.shape[-1])
+
+
+# -- attention implementations (training and scoring: no KV cache) ----------------
+
+# Query and key rows per splash kernel block (its default block sizes); 'auto'
+# uses splash only for lengths that are a multiple of it.
+SPLASH_BLOCK = 128
+
+# How the cuDNN and splash paths run: 'cudnn' and compiled Mosaic kernels. Tests
+# set them to 'xla' and True (jax.nn's reference implementation of the same
+# call, the splash kernel in Pallas' interpreter) to run those paths' plumbing
+# (masks, GQA, scaling, windows) on CPU.
+_CUDNN_IMPLEMENTATION = "cudnn"
+_SPLASH_INTERPRET = False
+
+
+def _platform() -> str:
+    """The backend being compiled for (a function, so that tests can stand in for a GPU or TPU)."""
+    return jax.default_backend()
+
+
+def resolve_attention_impl(choice: str, *, dtype, head_dim: int, length: int, dropout: bool) -> str:
+    """The attention implementation to run: ``'xla'``, ``'cudnn'`` or ``'splash'``.
+
+    ``'auto'`` picks cuDNN flash attention on GPU when the inputs qualify
+    (bfloat16 or float16, head dim a multiple of 8 and at most 128, which every
+    cuDNN-capable GPU takes, up to 256 on Hopper; an even length, which cuDNN
+    needs for a bias in training), the splash kernel on TPU when the length is a
+    multiple of :data:`SPLASH_BLOCK`, and :func:`dot_product_attention` (plain
+    XLA, blocked over queries) otherwise, on CPU always.
+
+    Attention dropout (``dropout=True``: a rate above 0 and row keys, i.e.
+    training) always takes the XLA path, whatever the choice: jax.nn's cuDNN
+    call has no dropout and the splash kernel none at all, and cuDNN's own
+    dropout draws from its own seed, so a row's mask would no longer be a
+    function of its row key (the same whatever the micro-batching or sharding).
+
+    Args:
+      choice: one of ``ATTENTION_IMPLS`` (the config's ``attention_impl``).
+      dtype, head_dim, length: the queries' dtype, head dim and length.
+      dropout: whether dropout is applied to the attention probabilities.
+
+    Raises:
+      ValueError: for ``'cudnn'`` off GPU or ``'splash'`` off TPU (naming the
+        platform and the choices that run on it), or an unknown choice.
+    """
+    platform = _platform()
+    if choice not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {choice!r}")
+    needs = {"cudnn": "gpu", "splash": "tpu"}
+    if choice in needs and platform != needs[choice]:
+        usable = ["auto", "xla"] + [name for name, plat in needs.items() if plat == platform]
+        raise ValueError(
+            f"attention_impl={choice!r} needs a {needs[choice].upper()}, but JAX is running on {platform!r}; "
+            f"choose one of {tuple(usable)} here"
+        )
+    if dropout:
+        return "xla"
+    if choice != "auto":
+        return choice
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128 and length % 2 == 0:
+        return "cudnn"
+    if platform == "tpu" and length % SPLASH_BLOCK == 0:
+        return "splash"
+    return "xla"
+
+
+def jax_nn_attention(q_bthd, k_bskd, v_bskd, mask_bts, scale, *, causal=True, implementation=None):
+    """``jax.nn.dot_product_attention`` with cuDNN (``implementation``, default :data:`_CUDNN_IMPLEMENTATION`).
+
+    GQA is native (``k`` heads dividing ``h``). The mask (segments, padding,
+    windows, causality) goes in whole as ``[b, 1, t, s]``: cuDNN turns it into a
+    bias broadcast over the heads, t * s elements of the compute dtype per row
+    instead of the XLA path's float32 logits per head. ``is_causal`` lets cuDNN
+    skip the blocks above the diagonal. The windows are in the mask only:
+    cuDNN's ``local_window_size`` counts slots, the mask positions (the same
+    only where positions go up by one per slot).
+
+    cuDNN takes the scale as a compile-time attribute, but GPT-2 scales by layer
+    (a traced scalar), so the scale multiplies the queries (in float32, rounded
+    once to their dtype; exact for power-of-two scales as 1/sqrt(64)).
+    """
+    q_bthd = (q_bthd.astype(jnp.float32) * scale).astype(q_bthd.dtype)
+    return jax.nn.dot_product_attention(
+        q_bthd,
+        k_bskd,
+        v_bskd,
+        mask=mask_bts[:, None],
+        scale=1.0,
+        is_causal=causal,
+        implementation=implementation or _CUDNN_IMPLEMENTATION,
+    )
+
+
+def splash_attention(q_bthd, k_btkd, v_btkd, segment_ids_bt, scale, *, window=None, windows=(None,)):
+    """Causal self-attention with the TPU splash kernel (``jax.experimental.pallas.ops.tpu.splash_attention``).
+
+    Splash takes static masks (built in NumPy at trace time; blocks that are
+    all masked are skipped) and segment ids (a query sees keys of its own
+    segment), not a dense mask. So this builds one kernel per distinct window
+    of the model (``windows``, ``None`` = causal only; a window ``w`` keeps keys
+    at most ``w - 1`` slots back, as ``distance < w`` does in positions) and
+    runs the layer's own with ``lax.switch`` on ``window``. Segment ids stand
+    for the mask's segment and padding terms: a real token never sees padding
+    (segment 0); padding queries see padding keys, unlike the XLA path, where
+    they see nothing; their outputs are ignored either way. Windows count
+    slots, which equals positions where positions go up by one per slot within
+    a segment (packing and left padding keep that).
+
+    GQA: the MQA kernel per KV head (its ``g`` query heads share one key and
+    value), vmapped over KV heads and rows. The scale multiplies the queries
+    (the kernel has none).
+
+    Args:
+      q_bthd, k_btkd, v_btkd: queries, keys and values of the same ``t`` tokens.
+      segment_ids_bt: each token's segment (0 = padding).
+      scale: the softmax scale.
+      window: this layer's window, one of ``windows`` (a traced int; any
+        value that is no int in ``windows``, as the transformer's 2**30,
+        for ``None``). May be ``None`` when ``windows`` has one entry.
+      windows: every window the model's layers use (static).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, t, h, d = q_bthd.shape
+    k = k_btkd.shape[2]
+    g = h // k
+    block = min(SPLASH_BLOCK, t)
+    if t % block:
+        raise ValueError(f"splash attention needs a length that is a multiple of {SPLASH_BLOCK}, got {t}")
+    q_bkgtd = (q_bthd.astype(jnp.float32) * scale).astype(q_bthd.dtype)
+    q_bkgtd = q_bkgtd.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4)
+    k_bktd, v_bktd = (x.transpose(0, 2, 1, 3) for x in (k_btkd, v_btkd))
+    segments = sa.SegmentIds(q=segment_ids_bt.astype(jnp.int32), kv=segment_ids_bt.astype(jnp.int32))
+    sizes = sa.BlockSizes(**{f.name: block for f in dataclasses.fields(sa.BlockSizes) if f.name.startswith("block_")})
+
+    def run(w):
+        if w is None or w >= t:
+            head_mask = sa.CausalMask((t, t))
+        else:
+            head_mask = sa.LocalMask((t, t), window_size=(w - 1, 0), offset=0)
+        kernel = sa.make_splash_mqa_single_device(
+            sa.MultiHeadMask([head_mask] * g), block_sizes=sizes, interpret=_SPLASH_INTERPRET
+        )
+        per_kv_head = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg), in_axes=(0, 0, 0, None))
+        return jax.vmap(per_kv_head)(q_bkgtd, k_bktd, v_bktd, segments)
+
+    if len(windows) == 1:
+        out_bkgtd = run(windows[0])
+    else:
+        # Branch i runs windows[i]; a layer without a window (2**30) matches
+        # no int window, so it gets index 0, which is None's when present.
+        index = sum(i * (window == w) for i, w in enumerate(windows) if w is not None)
+        out_bkgtd = jax.lax.switch(index, [lambda w=w: run(w) for w in windows])
+    return out_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
 # Cache slots per block when attention reads a KV cache on CPU. XLA:CPU copies

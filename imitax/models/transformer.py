@@ -66,6 +66,8 @@ class Block(nnx.Module):
         *,
         dropout_rates=(0.0, 0.0),
         rng_b=None,
+        segment_ids_bt=None,
+        window=None,
     ):
         """One layer; ``dropout_rates`` are (attention probabilities, residual branches).
 
@@ -85,6 +87,8 @@ class Block(nnx.Module):
             causal,
             dropout_rate=attn_rate,
             rng_b=layers.fold_in(rng_b, layers.ATTN_PROBS),
+            segment_ids_bt=segment_ids_bt,
+            window=window,
         )
         attn_bte = layers.dropout(attn_bte, resid_rate, layers.fold_in(rng_b, layers.ATTN_OUT))
         if self.parallel_residual:
@@ -246,7 +250,17 @@ class Transformer(nnx.Module):
             mask = mask_bts & (distance_bts < window)
             # Without a cache the keys are these tokens and the mask is causal by construction.
             x_bte, kv = nnx.merge(graphdef, state)(
-                x_bte, positions, mask, scale, kv, start, causal=cache is None, dropout_rates=rates, rng_b=rng
+                x_bte,
+                positions,
+                mask,
+                scale,
+                kv,
+                start,
+                causal=cache is None,
+                dropout_rates=rates,
+                rng_b=rng,
+                segment_ids_bt=segment_ids,
+                window=window,
             )
             if kv is None:
                 return x_bte, None
