@@ -48,7 +48,7 @@ grouped then: a key or value depends on every token before it and on its
 position, so nothing else is exactly reusable); the rest run plainly.
 
 Groups go in waves of eight, sorted by prefix length: a wave's prefixes are
-computed together, chunk by chunk, into one KV cache (a row per group), and
+computed chunk by chunk into one KV cache (a row per group), and
 its suffixes are scored in batches sorted by length *across* its groups, each
 row reading its own group's cache row, with positions continuing its own
 prefix. Rows are left-padded (so the scored positions are the last slots of
@@ -98,8 +98,8 @@ DEFAULT_BATCH_SIZE = 8
 _VOCAB_CHUNK = 32
 # Shared prefixes are computed in chunks of this many tokens (one program per cache length).
 _PREFIX_CHUNK = 128
-# Prefix groups whose caches are computed together and held at once ("a wave"): their suffixes share
-# batches, sorted by length across groups, so a batch is padded to rows of nearly equal length.
+# Prefix groups whose caches are held at once ("a wave"): their suffixes share batches, sorted by
+# length across groups, so a batch is padded to rows of nearly equal length.
 # Memory: the wave's cache, [layers, 8, kv_heads, cache length, head_dim] keys and values.
 _WAVE_GROUPS = 8
 # The most distinct row widths per call of the plain rows and of the suffixes: each width is one more
@@ -377,12 +377,30 @@ def _score_plain(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, targe
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _extend_prefix(graphdef, state, cache, tokens_gc, positions_gc, segment_ids_gc):
-    """Writes one right-padded chunk of a wave's shared prefixes (one row per group) into their KV cache."""
+def _extend_prefix(graphdef, state, cache, row, index, tokens_1c, positions_1c, segment_ids_1c):
+    """Writes one right-padded chunk of a group's shared prefix into its row of the wave's KV cache.
+
+    One group at a time (not the wave's rows together): prefixes differ in
+    length, and a batch of them would run as many chunks for each as for the
+    longest (with few groups, most of the prefix work was padding).
+    """
     model = nnx.merge(graphdef, state)
+    one = {
+        "k": jax.lax.dynamic_slice_in_dim(cache["k"], row, 1, axis=1),
+        "v": jax.lax.dynamic_slice_in_dim(cache["v"], row, 1, axis=1),
+        "segment_ids": jax.lax.dynamic_slice_in_dim(cache["segment_ids"], row, 1, axis=0),
+        "positions": jax.lax.dynamic_slice_in_dim(cache["positions"], row, 1, axis=0),
+        "index": index,
+    }
     # hidden(), not extend(): the prefix's own logits are never needed.
-    _, cache = model.hidden(tokens_gc, positions_gc, segment_ids_gc, cache)
-    return cache
+    _, one = model.hidden(tokens_1c, positions_1c, segment_ids_1c, one)
+    return {
+        "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], one["k"], row, axis=1),
+        "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], one["v"], row, axis=1),
+        "segment_ids": jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], one["segment_ids"], row, axis=0),
+        "positions": jax.lax.dynamic_update_slice_in_dim(cache["positions"], one["positions"], row, axis=0),
+        "index": cache["index"],
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "window"))
@@ -776,7 +794,7 @@ class Scorer:
         return _score_plain(graphdef, state, *arrays, window=batch.window)
 
     def _run_prefix(self, graphdef, state, rows: list[_Row], wave: list, wave_size: int, cache_len: int):
-        """The KV cache of a wave's prefixes, one row per group, computed in right-padded chunks (one program).
+        """The KV cache of a wave's prefixes, one row per group, each computed in right-padded chunks (one program).
 
         Returns:
           ``(cache, index)``: ``index`` is the slot after the wave's longest prefix, where suffixes go.
@@ -786,24 +804,22 @@ class Scorer:
         put = functools.partial(jax.device_put, device=None if self.mesh is None else sharding.replicated(self.mesh))
         cache = put(cache)  # A few rows: on a mesh every device holds them (replicated).
         longest = max(prefix for prefix, _ in wave)
-        chunks = -(-longest // _PREFIX_CHUNK)
-        for c in range(chunks):
-            start = c * _PREFIX_CHUNK
-            tokens_gc = np.zeros((wave_size, _PREFIX_CHUNK), np.int32)
-            positions_gc = np.zeros((wave_size, _PREFIX_CHUNK), np.int32)
-            segment_ids_gc = np.zeros((wave_size, _PREFIX_CHUNK), np.int32)
-            for g, (prefix, members) in enumerate(wave):
-                n = max(0, min(_PREFIX_CHUNK, prefix - start))
-                tokens_gc[g, :n] = rows[members[0]].tokens[start : start + n]
-                positions_gc[g, :n] = np.arange(start, start + n)
-                segment_ids_gc[g, :n] = 1
-            cache = _extend_prefix(graphdef, state, cache, *put((tokens_gc, positions_gc, segment_ids_gc)))
+        for g, (prefix, members) in enumerate(wave):
+            tokens = rows[members[0]].tokens
+            for start in range(0, prefix, _PREFIX_CHUNK):
+                n = min(_PREFIX_CHUNK, prefix - start)
+                tokens_1c = np.zeros((1, _PREFIX_CHUNK), np.int32)
+                tokens_1c[0, :n] = tokens[start : start + n]
+                positions_1c = np.where(np.arange(_PREFIX_CHUNK) < n, start + np.arange(_PREFIX_CHUNK), 0)[None]
+                segment_ids_1c = (np.arange(_PREFIX_CHUNK) < n)[None].astype(np.int32)
+                chunk = put((np.int32(g), np.int32(start), tokens_1c, positions_1c.astype(np.int32), segment_ids_1c))
+                cache = _extend_prefix(graphdef, state, cache, *chunk)
+            self.stats.padded_tokens += _round_up(prefix, _PREFIX_CHUNK)
         self.stats.programs.add(("prefix", wave_size, _PREFIX_CHUNK, cache_len))
         self.stats.prefix_groups += len(wave)
         prefix_tokens = sum(prefix for prefix, _ in wave)
         self.stats.shared_prefix_tokens += prefix_tokens
         self.stats.computed_tokens += prefix_tokens
-        self.stats.padded_tokens += wave_size * chunks * _PREFIX_CHUNK
         return cache, np.int32(longest)
 
     def _run_suffix(self, graphdef, state, batch: _Batch, cache, index):
