@@ -36,6 +36,7 @@ def on_tpu(monkeypatch):
     """Pretend to be on a TPU, with the splash kernel in Pallas' interpreter."""
     monkeypatch.setattr(layers, "_platform", lambda: "tpu")
     monkeypatch.setattr(layers, "_SPLASH_INTERPRET", True)
+    monkeypatch.setattr(layers, "_device_count", lambda: 1)
 
 
 # -- (a) the attention functions on packed rows ---------------------------------------------
@@ -225,10 +226,13 @@ def test_auto_on_gpu(on_gpu):
         choose("splash")
 
 
-def test_auto_on_tpu(on_tpu):
+def test_auto_on_tpu(on_tpu, monkeypatch):
     assert choose("auto") == "splash"
     assert choose("auto", dtype=jnp.float32) == "splash"
     assert choose("auto", length=4000) == "xla"  # not a multiple of the splash block
+    monkeypatch.setattr(layers, "_device_count", lambda: 8)
+    assert choose("auto") == "xla"  # splash is not sharded over devices (yet)
+    assert choose("splash") == "splash"
     with pytest.raises(ValueError, match="needs a GPU, but JAX is running on 'tpu'; choose one of .*'splash'"):
         choose("cudnn")
 

@@ -358,6 +358,11 @@ def _platform() -> str:
     return jax.default_backend()
 
 
+def _device_count() -> int:
+    """Devices in use (a function, as :func:`_platform`)."""
+    return jax.device_count()
+
+
 def resolve_attention_impl(choice: str, *, dtype, head_dim: int, length: int, dropout: bool) -> str:
     """The attention implementation to run: ``'xla'``, ``'cudnn'`` or ``'splash'``.
 
@@ -365,8 +370,9 @@ def resolve_attention_impl(choice: str, *, dtype, head_dim: int, length: int, dr
     (bfloat16 or float16, head dim a multiple of 8 and at most 128, which every
     cuDNN-capable GPU takes, up to 256 on Hopper; an even length, which cuDNN
     needs for a bias in training), the splash kernel on TPU when the length is a
-    multiple of :data:`SPLASH_BLOCK`, and :func:`dot_product_attention` (plain
-    XLA, blocked over queries) otherwise, on CPU always.
+    multiple of :data:`SPLASH_BLOCK` and there is one device, and
+    :func:`dot_product_attention` (plain XLA, blocked over queries) otherwise,
+    on CPU always.
 
     Attention dropout (``dropout=True``: a rate above 0 and row keys, i.e.
     training) always takes the XLA path, whatever the choice: jax.nn's cuDNN
@@ -400,7 +406,9 @@ def resolve_attention_impl(choice: str, *, dtype, head_dim: int, length: int, dr
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128 and length % 2 == 0:
         return "cudnn"
-    if platform == "tpu" and length % SPLASH_BLOCK == 0:
+    # Over several devices the kernel would need a shard_map (XLA cannot split
+    # a Mosaic call: it would gather every row onto each device); not written yet.
+    if platform == "tpu" and length % SPLASH_BLOCK == 0 and _device_count() == 1:
         return "splash"
     return "xla"
 
@@ -449,7 +457,9 @@ def splash_attention(q_bthd, k_btkd, v_btkd, segment_ids_bt, scale, *, window=No
 
     GQA: the MQA kernel per KV head (its ``g`` query heads share one key and
     value), vmapped over KV heads and rows. The scale multiplies the queries
-    (the kernel has none).
+    (the kernel has none). The call is not wrapped in a ``shard_map``: on a
+    mesh of several devices XLA cannot split it (hence 'auto' uses it on one
+    device only).
 
     Args:
       q_bthd, k_btkd, v_btkd: queries, keys and values of the same ``t`` tokens.
