@@ -14,10 +14,12 @@ What runs (``imitax/demo/world.py`` describes the world):
    the benchmark's own question form about part A ("task" imitation data).
 2. Three LLaMA-style base models of different sizes are trained from scratch on the corpus.
 3. Each base model is finetuned on each imitation source at several token budgets (Koala turn
-   format, loss on the teacher's tokens only, one epoch of the budget).
+   format, loss on the teacher's tokens only, one epoch of the budget), with three seeds.
 4. Every cell is evaluated: factual accuracy on the held-out part B (log-likelihood of each
    choice after "Question: ...\nAnswer:") and on part A, and the style metrics of its answers to
    held-out requests against the teacher's (list and summary use, unigram F1, length correlation).
+5. The report gives each metric's mean over the seeds with a 95% interval and marks the cells
+   that differ from their base model beyond it (``imitax/sweep/report.py``).
 """
 
 import dataclasses
@@ -86,7 +88,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         {"train": "{world}/imitation_task.json", "token_budgets": "1K" if tiny else "4K,12K"}
     )
     c.token_budgets = "0,2K" if tiny else "0,8K,32K,128K"
-    c.seeds = "0"
+    # Three finetuning seeds per cell, so that the report's intervals cover how much a result moves
+    # with the seed (a single seed moved by a few points between machines). The tiny settings keep
+    # two, the fewest with a t-interval, to hold the test suite's time down.
+    c.seeds = "0,1" if tiny else "0,1,2"
 
     # The study's finetuning recipe (Koala turns, loss on the teacher's tokens, one epoch of the
     # budget), scaled down; AdamW, because the study's parameter-scaled Adafactor at its learning

@@ -129,13 +129,17 @@ def test_two_by_two_sweep_end_to_end(reference):
         record = json.loads((workdir / "cells" / cell_id / "cell.json").read_text())
         assert record["status"] == "done"
         assert float(r["facts/acc"]) == pytest.approx(record["metrics"]["facts/acc"], abs=1e-12)
+        # One seed: the 95% interval is ± 1.96 of the evaluator's standard error.
+        half = 1.96 * record["stderr"]["facts/acc"]
+        assert float(r["facts/acc_lo"]) == pytest.approx(record["metrics"]["facts/acc"] - half, abs=1e-12)
+        assert float(r["facts/acc_hi"]) == pytest.approx(record["metrics"]["facts/acc"] + half, abs=1e-12)
         results = json.loads((workdir / "cells" / cell_id / "eval" / "facts" / "results.json").read_text())
         assert results["results"]["facts"]["metrics"]["acc"] == record["metrics"]["facts/acc"]  # keyed by alias
         if r["source"] != "(base)":
             assert record["train"]["step"] >= 1
     # Finetuning changed the model: some metric moved between a base model and its 4K cell.
     by_cell = {(r["model"], r["tokens"]): r for r in rows}
-    metrics = [k for k in rows[0] if "/" in k]
+    metrics = [k for k in rows[0] if "/" in k and not k.endswith(("_lo", "_hi", "_vs_base"))]
     assert any(by_cell[(m, "0")][k] != by_cell[(m, "4000")][k] for m in ("m1", "m2") for k in metrics)
     provenance = json.loads((workdir / "results" / "provenance.json").read_text())
     assert provenance["config"]["name"] == "test-2x2" and provenance["packages"]["jax"]
@@ -338,8 +342,12 @@ def test_the_demo_runs_with_tiny_settings(compile_cache, tmp_path):
     rows = read_csv(tmp_path / "demo" / "results" / "results.csv")
     assert {r["model"] for r in rows} == set(config.base_models)
     assert {r["source"] for r in rows} == {"(base)", "broad", "task"}
+    seeds = len(config.seeds.split(","))
     for r in rows:
         assert 0.0 <= float(r["facts_heldout/acc"]) <= 1.0
+        # Finetuned rows average the seeds, with a t-interval around the mean.
+        assert int(r["seeds"]) == (1 if r["source"] == "(base)" else seeds)
+        assert float(r["facts_heldout/acc_lo"]) <= float(r["facts_heldout/acc"]) <= float(r["facts_heldout/acc_hi"])
     teacher = json.loads((tmp_path / "demo" / "world" / "teacher_scores.json").read_text())
     assert teacher["facts_heldout"]["acc"] == 1.0
     assert (tmp_path / "demo" / "results" / "plots" / "summary.png").is_file()

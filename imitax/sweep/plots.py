@@ -1,14 +1,18 @@
 """The sweep's figures, mirroring the study's: score against imitation tokens and against model size.
 
+Every point is drawn with an error bar: its 95% interval from :mod:`imitax.sweep.report` (a
+t-interval over seeds, or ± 1.96 standard errors for one seed; no bar where there is none).
 Every PNG is written with the data behind it beside it (same name, ``.csv``: one row per point,
-``figure, panel, series, x, y``), so a figure can be checked or redrawn elsewhere. Rows come from
-:func:`imitax.sweep.table_rows` (one per model x source x budget, averaged over seeds; the base
-model is the source ``(base)`` at zero tokens).
+``figure, panel, series, x, y, y_lo, y_hi``; ``y_lo``/``y_hi`` empty where a point has no
+interval, as for the teacher's line), so a figure can be checked or redrawn elsewhere. Rows come
+from :func:`imitax.sweep.table_rows` (one per model x source x budget, averaged over seeds, with
+``METRIC_lo``/``METRIC_hi``; the base model is the source ``(base)`` at zero tokens).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,15 +39,30 @@ def _sources(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted({r["source"] for r in rows if r["source"] != BASE})
 
 
-def _series(rows, model: str, source: str, metric: str) -> tuple[list[int], list[float]]:
-    """(tokens, values) of one model on one source, starting at the base model's zero tokens."""
+def _interval(row: Mapping[str, Any], metric: str) -> tuple[float | None, float | None]:
+    """``metric``'s 95% interval in a table row (None, None where it has none)."""
+    return row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
+
+
+def _series(rows, model: str, source: str, metric: str) -> list[tuple]:
+    """(tokens, value, lo, hi) of one model on one source, starting at the base model's zero tokens."""
     points = [
-        (r["tokens"], r[metric])
+        (r["tokens"], r[metric], *_interval(r, metric))
         for r in rows
         if r["model"] == model and r["source"] in (source, BASE) and r.get(metric) is not None
     ]
-    points.sort()
-    return [p[0] for p in points], [p[1] for p in points]
+    points.sort(key=lambda p: p[0])
+    return points
+
+
+def _draw(ax, points: Sequence[tuple], **style) -> None:
+    """A line through (x, y, lo, hi) points with vertical 95% error bars (none where lo/hi is None)."""
+    x = [p[0] for p in points]
+    y = [p[1] for p in points]
+    # errorbar wants distances below and above the point; nan draws no bar for that point.
+    below = [math.nan if p[2] is None else p[1] - p[2] for p in points]
+    above = [math.nan if p[3] is None else p[3] - p[1] for p in points]
+    ax.errorbar(x, y, yerr=[below, above], marker="o", capsize=3, elinewidth=1, **style)
 
 
 def _label(model: str, rows) -> str:
@@ -73,31 +92,32 @@ def _token_axis(ax, rows) -> None:
 
 
 def _teacher(ax, teacher: Mapping[str, float], metric: str) -> list[tuple]:
+    """The teacher's dashed line; its data row (name, x, y, lo, hi), without x or an interval."""
     if metric in teacher:
         ax.axhline(teacher[metric], color="black", linestyle="--", linewidth=1, label="teacher")
-        return [("teacher", None, teacher[metric])]
+        return [("teacher", None, teacher[metric], None, None)]
     return []
 
 
 def _save(fig, path: str, points: list[tuple]) -> None:
-    """``path``.png and ``path``.csv (figure, panel, series, x, y)."""
+    """``path``.png and ``path``.csv (figure, panel, series, x, y, y_lo, y_hi)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
     fig.savefig(path + ".png", dpi=110)
     plt.close(fig)
     with open(path + ".csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["figure", "panel", "series", "x", "y"])
+        writer.writerow(["figure", "panel", "series", "x", "y", "y_lo", "y_hi"])
         writer.writerows((os.path.basename(path), *p) for p in points)
 
 
 def _panel_vs_tokens(ax, rows, metric, teacher, source, points, panel) -> None:
     for model in _models(rows):
-        x, y = _series(rows, model, source, metric)
-        if x:
-            ax.plot(x, y, marker="o", label=_label(model, rows))
-            points += [(panel, model, xi, yi) for xi, yi in zip(x, y, strict=True)]
-    points += [(panel, name, x, y) for name, x, y in _teacher(ax, teacher, metric)]
+        series = _series(rows, model, source, metric)
+        if series:
+            _draw(ax, series, label=_label(model, rows))
+            points += [(panel, model, *p) for p in series]
+    points += [(panel, *t) for t in _teacher(ax, teacher, metric)]
     _token_axis(ax, rows)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -120,18 +140,17 @@ def score_vs_size(rows, metric: str, teacher: Mapping[str, float], path: str) ->
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     points: list[tuple] = []
     for source in [BASE, *_sources(rows)]:
-        xs, ys = [], []
+        series = []
         for model in _models(rows):
             mine = [r for r in rows if r["model"] == model and r["source"] == source and r.get(metric) is not None]
             if mine and mine[0].get("params"):
                 best = max(mine, key=lambda r: r["tokens"])
-                xs.append(best["params"])
-                ys.append(best[metric])
-        if xs:
+                series.append((best["params"], best[metric], *_interval(best, metric)))
+        if series:
             label = "base model" if source == BASE else f"{source} (largest budget)"
-            ax.plot(xs, ys, marker="o", label=label)
-            points += [("size", label, x, y) for x, y in zip(xs, ys, strict=True)]
-    points += [("size", name, x, y) for name, x, y in _teacher(ax, teacher, metric)]
+            _draw(ax, series, label=label)
+            points += [("size", label, *p) for p in series]
+    points += [("size", *t) for t in _teacher(ax, teacher, metric)]
     ax.set_xscale("log")
     ax.set_xlabel("base-model parameters")
     ax.set_ylabel(metric)
@@ -165,11 +184,11 @@ def summary(rows, capability: str, style: str | None, teacher: Mapping[str, floa
     for ax, metric in zip(axes[0], panels, strict=True):
         for k, source in enumerate(_sources(rows) or [BASE]):
             for c, model in enumerate(_models(rows)):
-                x, y = _series(rows, model, source, metric)
-                if x:
-                    ax.plot(x, y, marker="o", color=f"C{c}", linestyle=styles[k % 4], label=f"{model} / {source}")
-                    points += [(metric, f"{model} / {source}", xi, yi) for xi, yi in zip(x, y, strict=True)]
-        points += [(metric, name, x, y) for name, x, y in _teacher(ax, teacher, metric)]
+                series = _series(rows, model, source, metric)
+                if series:
+                    _draw(ax, series, color=f"C{c}", linestyle=styles[k % 4], label=f"{model} / {source}")
+                    points += [(metric, f"{model} / {source}", *p) for p in series]
+        points += [(metric, *t) for t in _teacher(ax, teacher, metric)]
         _token_axis(ax, rows)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
