@@ -1,15 +1,19 @@
 """Which kernel library XLA's CPU backend runs matrix multiplications with, chosen before JAX starts.
 
-jaxlib's CPU compiler can hand each dot to one of several libraries, and on the
-transformer shapes imitax runs they differ by up to a quarter of a train step
-(``benchmarks/results/train_profile.md``). The choice is an XLA debug option,
+jaxlib's CPU compiler can hand each dot to one of several libraries. Which is
+fastest depends on the dot's shape (``benchmarks/results/train_profile.md``):
+oneDNN wins on the train step's large matmuls (a thousand rows and more), and
+loses by 2-10x on decoding's few-row ones, where it repacks the whole weight
+matrix on every call. So ``scripts/train.py`` defaults to oneDNN and the
+scripts that generate keep XLA's own choice. The choice is an XLA debug option,
 read from the ``XLA_FLAGS`` environment variable once, when JAX creates its CPU
 client; so it has to be made before anything touches a JAX backend. Scripts
 take it as a flag, processed while absl parses the command line (before
 ``main`` runs, and so before the scripts import imitax's JAX modules)::
 
     from imitax import xla_backend
-    xla_backend.define_flag()      # --xla_backend=onednn|ynn|eigen|default
+    xla_backend.define_flag()                           # --xla_backend, default: XLA's own
+    xla_backend.define_flag(xla_backend.TRAIN_DEFAULT)  # training only: oneDNN
 
 Libraries and programs that do not use absl call :func:`configure` instead.
 
@@ -40,6 +44,7 @@ __all__ = [
     "BACKENDS",
     "COMPILE_OPTIONS",
     "DEFAULT",
+    "TRAIN_DEFAULT",
     "BackendError",
     "check",
     "configure",
@@ -63,12 +68,15 @@ COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
 }
 BACKENDS = ("default", *COMPILE_OPTIONS)
 
-# Chosen by measurement (float32, jaxlib 0.10.2, 2-core AMD EPYC with AVX-512): oneDNN's dots were
-# the fastest of the three on GPT-2-124M's forward pass and train step, in runs that time the
-# backends round-robin in one process (benchmarks/forward_benchmark.py, train_benchmark.py; the
-# figures are in benchmarks/results/train_profile.md). Where oneDNN is not built in, configure()
-# falls back to XLA's own choice.
-DEFAULT = "onednn"
+# Chosen by measurement (float32, jaxlib 0.10.2, a 2-core AMD EPYC with AVX-512; the figures are in
+# benchmarks/results/train_profile.md, each backend timed round-robin in one run): oneDNN's dots made
+# the train step of GPT-2-124M and the forward pass faster than YNNPACK's in most runs (up to 1.2x),
+# while greedy decoding ran 2.2x slower with them (0.45x: a 8 x 768 @ 768 x 50257 dot takes 10x
+# YNNPACK's time) and scoring came out even. Training defaults to oneDNN; everything else, which may
+# decode (evaluation, the sweep's cells), leaves XLA's own choice. Where oneDNN is not built in,
+# configure() falls back to XLA's own choice for a default (an explicit request is an error).
+DEFAULT = "default"
+TRAIN_DEFAULT = "onednn"
 
 # Set beside XLA_FLAGS, so that a child process (a sweep's cell, a benchmark's worker) can tell
 # flags this module wrote from flags a user wrote, and replace them with its own choice.

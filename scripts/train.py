@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 from imitax import xla_backend
 
-xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before main() imports JAX
+xla_backend.define_flag(xla_backend.TRAIN_DEFAULT)  # --xla_backend, applied as flags are parsed, before JAX
 config_flags.DEFINE_config_file("config", "configs/finetune.py", "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the token cache go.", required=True)
 FLAGS = flags.FLAGS
