@@ -206,6 +206,35 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, iters: int = 5) -> dict[str, float
     return {name: moved / t.median for name, t in time_interleaved(probes, warmup=1, iters=iters).items()}
 
 
+class MatmulProbe:
+    """A few ``n x n`` float32 matmuls per library, timed in the same rounds as the work measured.
+
+    The machine is shared: its free capacity drifts during a run (within minutes, by several
+    times). A peak measured once would compare the work with a matmul rate of another moment; a
+    probe in every round gives each round its own roofline (the fastest library, that round).
+    Add :attr:`fns` to the callables given to :func:`time_interleaved`.
+    """
+
+    def __init__(self, n: int, reps: int, xla_backends: Mapping[str, Mapping[str, Any]] = XLA_DOT_BACKENDS):
+        import torch
+
+        rng = np.random.default_rng(0)
+        a_np, b_np = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+        self.flops = 2.0 * n**3 * reps
+        self.fns: dict[str, Callable[[], Any]] = {}
+        a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+        for backend, options in xla_backends.items():
+            dot = jax.jit(jnp.dot, compiler_options=dict(options)).lower(a, b).compile()
+            self.fns[f"matmul[xla:{backend}]"] = lambda dot=dot: jax.block_until_ready([dot(a, b) for _ in range(reps)])
+        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        self.fns["matmul[torch]"] = lambda: [torch.matmul(ta, tb) for _ in range(reps)][-1]
+
+    def peaks(self, timings: Mapping[str, Timing]) -> list[float]:
+        """Each round's roofline, FLOP/s: the fastest library in that round."""
+        rates = [[self.flops / t for t in timings[name].samples] for name in self.fns]
+        return [max(r) for r in zip(*rates, strict=True)]
+
+
 # -- FLOP counts -----------------------------------------------------------------------
 
 

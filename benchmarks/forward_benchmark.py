@@ -4,6 +4,7 @@ r"""Forward-pass throughput of imitax vs transformers' PyTorch model, same weigh
   python benchmarks/forward_benchmark.py --model=gpt2 --iters=9 --xla_backends=ynn,eigen
   python benchmarks/forward_benchmark.py --smoke               # tiny shapes: checks the script runs
   python benchmarks/forward_benchmark.py --model=gpt2 --tasks=forward,score,decode --xla_backends=ynn,eigen,onednn
+  python benchmarks/forward_benchmark.py --model=gpt2 --tasks=dots --xla_backends=ynn,eigen,onednn   # matmuls alone
 
 One process measures, in this order: the float32 matmul peak of each XLA dot
 backend and of PyTorch (MFU is quoted against the fastest of them); then, per
@@ -66,7 +67,10 @@ _MODEL = flags.DEFINE_enum(
 )
 _LLAMA_LAYERS = flags.DEFINE_integer("llama_layers", 16, "Layers of the llama1b shape (16: ~0.95B parameters).")
 _TASKS = flags.DEFINE_list(
-    "tasks", ["forward"], "forward (vs transformers), score, decode (imitax per dot backend, in worker processes)."
+    "tasks",
+    ["forward"],
+    "forward (vs transformers), score, decode (imitax per dot backend, in worker processes), dots (the model's "
+    "weight matmuls alone, per backend, from 1 row to batch x seq rows).",
 )
 _SCORE_SHAPE = flags.DEFINE_list(
     "score_shape", ["512", "128", "16"], "Scoring set: shared prefix tokens, question tokens, questions (x4 choices)."
@@ -91,7 +95,10 @@ _PEAK_ITERS = flags.DEFINE_integer("peak_iters", 5, "Timed repetitions per matmu
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch.set_num_threads (default: one per CPU).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes and two rounds: checks that the script runs.")
 
-HEADERS = ["model", "impl", "batch x seq", "tokens/s", "GFLOP/s", "MFU", "vs torch", "target", "median s", "spread"]
+HEADERS = [
+    "model", "impl", "batch x seq", "tokens/s", "GFLOP/s", "roofline GFLOP/s", "MFU", "vs torch", "target", "median s",
+    "spread",
+]  # fmt: skip
 FORWARD_TARGET = 1.5  # imitax's forward pass vs transformers', same machine and run
 
 
@@ -145,8 +152,8 @@ def build_models(cfg: models.TransformerConfig):
     return hf, core.model_from_params(cfg, params)
 
 
-def bench_case(case: Case, roofline: float, iters: int) -> tuple[list[list[str]], list[str]]:
-    """Times one model shape; returns its table rows and notes."""
+def bench_case(case: Case, probe: common.MatmulProbe | None, iters: int) -> tuple[list[list[str]], list[str]]:
+    """Times one model shape, with ``probe``'s matmuls in every round (MFU: against that round's); rows and notes."""
     cfg = case.cfg.replace(scan_layers=_SCAN_LAYERS.value)
     start = time.perf_counter()
     hf, model = build_models(cfg)
@@ -178,12 +185,15 @@ def bench_case(case: Case, roofline: float, iters: int) -> tuple[list[list[str]]
     fns["torch"] = torch_forward
     del ref
 
-    timings = common.time_interleaved(fns, warmup=_WARMUP.value, iters=iters)
+    timings = common.time_interleaved({**fns, **(probe.fns if probe else {})}, warmup=_WARMUP.value, iters=iters)
+    peaks = probe.peaks(timings) if probe else [float("nan")] * iters
     flops = common.forward_flops(cfg, case.batch, case.seq)
     tokens = case.batch * case.seq
     rows = []
-    for name, timing in timings.items():
+    for name in fns:
+        timing = timings[name]
         gflops = flops.total / timing.median / 1e9
+        mfu = np.median([flops.total / t / p for t, p in zip(timing.samples, peaks, strict=True)])
         speedup = common.paired_speedup(timing, timings["torch"])
         met = "-" if name == "torch" else f">= {FORWARD_TARGET}x: {'met' if speedup >= FORWARD_TARGET else 'missed'}"
         rows.append(
@@ -193,7 +203,8 @@ def bench_case(case: Case, roofline: float, iters: int) -> tuple[list[list[str]]
                 f"{case.batch}x{case.seq}",
                 f"{tokens / timing.median:.0f}",
                 f"{gflops:.0f}",
-                f"{gflops / roofline:.0%}",
+                f"{np.median(peaks) / 1e9:.0f}",
+                f"{mfu:.0%}",
                 f"{speedup:.2f}x",
                 met,
                 f"{timing.median:.2f}",
@@ -386,6 +397,35 @@ def bench_workers(case: Case, tasks: list[str], iters: int) -> tuple[list[list[s
     return rows, notes
 
 
+def bench_dots(case: Case, iters: int) -> tuple[list[list[str]], list[str]]:
+    """The model's weight matmuls (``rows x hidden @ hidden x out``) alone, per dot backend, round-robin.
+
+    Decoding multiplies a few rows (the batch) by every weight matrix; prefill, scoring and training
+    multiply ``batch x seq`` rows. The libraries' per-call costs differ most at few rows.
+    """
+    cfg = case.cfg
+    rng = np.random.default_rng(0)
+    rows = []
+    for out_dim, what in ((cfg.mlp_dim, "MLP up"), (cfg.vocab_size, "LM head")):
+        w = jnp.asarray(rng.standard_normal((cfg.hidden_size, out_dim), dtype=np.float32))
+        for m in sorted({1, 8, 64, 256, case.batch * case.seq}):
+            x = jnp.asarray(rng.standard_normal((m, cfg.hidden_size), dtype=np.float32))
+            flops = 2.0 * m * cfg.hidden_size * out_dim
+            reps = max(1, int(2e9 / flops))  # ~2 GFLOP per timed call, so small dots are not all overhead
+            fns = {}
+            for backend in _XLA_BACKENDS.value:
+                dot = jax.jit(jnp.dot, compiler_options=dict(common.XLA_DOT_BACKENDS[backend])).lower(x, w).compile()
+                fns[backend] = lambda dot=dot, x=x, w=w, n=reps: jax.block_until_ready([dot(x, w) for _ in range(n)])
+            t = common.time_interleaved(fns, warmup=1, iters=iters)
+            base = _XLA_BACKENDS.value[0]
+            rows.append(
+                [case.name, f"{what}: {m}x{cfg.hidden_size} @ {cfg.hidden_size}x{out_dim}"]
+                + [f"{t[b].median / reps * 1e3:.2f} ms ({flops * reps / t[b].median / 1e9:.0f})" for b in fns]
+                + [f"{common.paired_speedup(t[b], t[base]):.2f}x" for b in list(fns)[1:]]
+            )
+    return rows, []
+
+
 WORKER_HEADERS = ["model", "task", "impl", "work", "tokens/s", "vs first", "median s", "CPU s", "spread"]
 
 
@@ -394,9 +434,10 @@ def main(argv):
     unknown = set(_XLA_BACKENDS.value) - set(common.XLA_DOT_BACKENDS)
     if unknown:
         raise app.UsageError(f"unknown --xla_backends {sorted(unknown)}; known: {sorted(common.XLA_DOT_BACKENDS)}")
-    tasks = [t for t in ("forward", "score", "decode") if t in _TASKS.value]
+    tasks = [t for t in ("forward", "dots", "score", "decode") if t in _TASKS.value]
     if set(_TASKS.value) - set(tasks):
-        raise app.UsageError(f"unknown --tasks {sorted(set(_TASKS.value) - set(tasks))}; known: forward, score, decode")
+        known = "forward, dots, score, decode"
+        raise app.UsageError(f"unknown --tasks {sorted(set(_TASKS.value) - set(tasks))}; known: {known}")
     if _CAUSAL_BLOCK.value is not None:
         # Read when the forward pass is traced; 0 turns the blocks off.
         layers.CAUSAL_BLOCK = _CAUSAL_BLOCK.value or 2**31
@@ -412,7 +453,7 @@ def main(argv):
     notes = []
     if "forward" in tasks:
         sizes = [256] if _SMOKE.value else [int(s) for s in _PEAK_SIZES.value]
-        roofline = float("nan")
+        probe = None
         if sizes:
             backends = {b: common.XLA_DOT_BACKENDS[b] for b in _XLA_BACKENDS.value}
             peak_iters = min(iters, _PEAK_ITERS.value)
@@ -420,19 +461,30 @@ def main(argv):
             rows = [[lib, *(f"{peaks[lib][n]:.0f}" for n in sizes), f"{max(peaks[lib].values()):.0f}"] for lib in peaks]
             print(f"\nfloat32 matmul, GFLOP/s (median of {peak_iters}, round-robin):")
             print(common.format_table(["library", *(f"{n}^3" for n in sizes), "peak"], rows), flush=True)
-            roofline = max(max(v.values()) for v in peaks.values())
-            notes.append(f"MFU is against {roofline:.0f} GFLOP/s, the fastest library's peak above")
+            # The peak above is one moment's; MFU is against a probe of max(sizes)^3 matmuls run in every
+            # round beside the forward passes (the fastest library that round), as the load drifts.
+            probe = common.MatmulProbe(max(sizes), reps=1 if _SMOKE.value else 3, xla_backends=backends)
+            notes.append(f"MFU: against each round's fastest {max(sizes)}^3 matmul (3 per library per round)")
 
         rows = []
         for case in cases(_SMOKE.value):
-            case_rows, case_notes = bench_case(case, roofline, iters)
+            case_rows, case_notes = bench_case(case, probe, iters)
             rows += case_rows
             notes += case_notes
             print(common.format_table(HEADERS, case_rows), flush=True)
         print(f"\nforward pass, float32 logits, medians of {iters} rounds after {_WARMUP.value} warm-up:")
         print(common.format_table(HEADERS, rows), flush=True)
 
-    worker_tasks_ = [t for t in tasks if t != "forward"]
+    if "dots" in tasks:
+        rows = []
+        for case in cases(_SMOKE.value):
+            rows += bench_dots(case, iters)[0]
+        others = _XLA_BACKENDS.value[1:]
+        print(f"\nthe model's weight matmuls alone, ms per dot (GFLOP/s), medians of {iters} round-robin rounds:")
+        headers = ["model", "dot", *_XLA_BACKENDS.value, *(f"{b} vs {_XLA_BACKENDS.value[0]}" for b in others)]
+        print(common.format_table(headers, rows), flush=True)
+
+    worker_tasks_ = [t for t in tasks if t in ("score", "decode")]
     if worker_tasks_:
         rows = []
         for case in cases(_SMOKE.value):

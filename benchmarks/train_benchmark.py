@@ -290,33 +290,6 @@ class TorchStep:
         return total
 
 
-class MatmulProbe:
-    """A few ``n x n`` float32 matmuls per library, timed in the same rounds as the train steps.
-
-    The machine is shared: its free capacity drifts during a run (within minutes, by several
-    times). A peak measured once would compare steps with a matmul rate of another moment; a
-    probe in every round gives each step's own roofline (the faster library, that round).
-    """
-
-    def __init__(self, n: int, reps: int):
-        rng = np.random.default_rng(0)
-        a_np, b_np = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
-        self.flops = 2.0 * n**3 * reps
-        self.fns = {}
-        a, b = jax.numpy.asarray(a_np), jax.numpy.asarray(b_np)
-        for backend in _XLA_BACKENDS.value:
-            options = dict(common.XLA_DOT_BACKENDS[backend])
-            dot = jax.jit(jax.numpy.dot, compiler_options=options).lower(a, b).compile()
-            self.fns[f"matmul[xla:{backend}]"] = lambda dot=dot: jax.block_until_ready([dot(a, b) for _ in range(reps)])
-        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
-        self.fns["matmul[torch]"] = lambda: [torch.matmul(ta, tb) for _ in range(reps)][-1]
-
-    def peaks(self, timings: dict[str, common.Timing]) -> list[float]:
-        """Each round's roofline, FLOP/s: the faster library in that round."""
-        rates = [[self.flops / t for t in timings[name].samples] for name in self.fns]
-        return [max(r) for r in zip(*rates, strict=True)]
-
-
 # -- profile: the step's parts, and each HLO op's time ------------------------------------------------
 
 # Ops that only move data (a fusion made of nothing else is a copy, as far as the profile is concerned).
@@ -549,7 +522,7 @@ def profile_tables(case: Case, jx: ImitaxStep, iters: int) -> str:
     return "\n".join(lines)
 
 
-def bench_case(case: Case, probe: MatmulProbe, iters: int) -> tuple[list[list[str]], list[list[str]], list[str]]:
+def bench_case(case: Case, probe: common.MatmulProbe, iters: int) -> tuple[list[list[str]], list[list[str]], list[str]]:
     """Times one model shape; returns throughput rows, memory rows and notes."""
     cfg = case.cfg
     n = cfg.num_params()
@@ -718,7 +691,7 @@ def main(argv):
     peak_rows = [[lib, *(f"{peaks[lib][n]:.0f}" for n in sizes), f"{max(peaks[lib].values()):.0f}"] for lib in peaks]
     print("\nfloat32 matmul peak at the start, GFLOP/s (median per size):")
     print(common.format_table(["library", *(f"{n}^3" for n in sizes), "peak"], peak_rows), flush=True)
-    probe = MatmulProbe(max(sizes), reps=1 if _SMOKE.value else _PROBE_REPS.value)
+    probe = common.MatmulProbe(max(sizes), reps=1 if _SMOKE.value else _PROBE_REPS.value, xla_backends=backends)
 
     headers = [
         "model", "impl", "batch x seq", "tokens/s", "GFLOP/s", "roofline GFLOP/s", "MFU", "vs torch (raw / MFU)",
