@@ -35,6 +35,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import pkgutil
 import platform
 import sys
 from collections.abc import MutableMapping
@@ -136,10 +137,15 @@ def _accelerator(environ: MutableMapping[str, str]) -> tuple[str | None, bool]:
     if platforms:
         first = platforms.split(",")[0].strip().lower()
         return (None if first == "cpu" else f"JAX_PLATFORMS={platforms}"), True
+    # JAX finds plugins both ways: modules of the jax_plugins namespace package, and entry points.
+    plugins = []
     try:
-        plugins = sorted(ep.name for ep in importlib.metadata.entry_points(group="jax_plugins"))
+        spec = importlib.util.find_spec("jax_plugins")
+        if spec is not None and spec.submodule_search_locations:
+            plugins += sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations))
+        plugins += sorted(ep.name for ep in importlib.metadata.entry_points(group="jax_plugins"))
     except Exception:  # a broken distribution's metadata must not stop a CPU run
-        plugins = []
+        pass
     if importlib.util.find_spec("libtpu") is not None:
         plugins.append("libtpu")
     return (f"the installed JAX plugin {plugins[0]}" if plugins else None), False

@@ -107,6 +107,18 @@ def test_accelerator_platform_leaves_the_flags_or_refuses_an_explicit_request(ca
     assert xla_backend.configure("default", explicit=True, environ=environ) == "default"
 
 
+def test_an_installed_accelerator_plugin_leaves_the_default_unapplied(tmp_path, monkeypatch):
+    # A jax_plugins namespace module, as jax-cuda12-plugin installs: JAX would try it first.
+    (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    environ = {}
+    assert xla_backend.configure("onednn", explicit=False, environ=environ) == "default"
+    assert "XLA_FLAGS" not in environ
+    environ = {"JAX_PLATFORMS": "cpu"}  # the user's way to the CPU, and to the flag
+    assert xla_backend.configure("eigen", explicit=False, environ=environ) == "eigen"
+
+
 def test_unknown_backend_names_the_known_ones():
     with pytest.raises(xla_backend.BackendError, match="use one of default, ynn, eigen, onednn"):
         xla_backend.configure("mkl", environ={"JAX_PLATFORMS": "cpu"})
