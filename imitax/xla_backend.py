@@ -4,8 +4,9 @@ jaxlib's CPU compiler can hand each dot to one of several libraries. Which is
 fastest depends on the dot's shape (``benchmarks/results/train_profile.md``):
 oneDNN wins on the train step's large matmuls (a thousand rows and more), and
 loses by 2-10x on decoding's few-row ones, where it repacks the whole weight
-matrix on every call. So ``scripts/train.py`` defaults to oneDNN and the
-scripts that generate keep XLA's own choice. The choice is an XLA debug option,
+matrix on every call. Every script defaults to XLA's own choice; oneDNN is
+``--xla_backend=onednn`` for training runs that want it (see ``TRAIN_DEFAULT``
+for why it is not the default). The choice is an XLA debug option,
 read from the ``XLA_FLAGS`` environment variable once, when JAX creates its CPU
 client; so it has to be made before anything touches a JAX backend. Scripts
 take it as a flag, processed while absl parses the command line (before
@@ -13,7 +14,7 @@ take it as a flag, processed while absl parses the command line (before
 
     from imitax import xla_backend
     xla_backend.define_flag()                           # --xla_backend, default: XLA's own
-    xla_backend.define_flag(xla_backend.TRAIN_DEFAULT)  # training only: oneDNN
+    xla_backend.define_flag(xla_backend.TRAIN_DEFAULT)  # scripts/train.py's default
 
 Libraries and programs that do not use absl call :func:`configure` instead.
 
@@ -76,8 +77,13 @@ BACKENDS = ("default", *COMPILE_OPTIONS)
 # YNNPACK's time) and scoring came out even. Training defaults to oneDNN; everything else, which may
 # decode (evaluation, the sweep's cells), leaves XLA's own choice. Where oneDNN is not built in,
 # configure() falls back to XLA's own choice for a default (an explicit request is an error).
+# Training keeps XLA's own choice too, for now: with oneDNN, jaxlib 0.10.2 aborted processes
+# (`object_pool.h:117 Check failed: available_.size() == num_created_` in ~OneDnnFusionThunk, when
+# a compiled program is freed: 7 times in one 48-cell demo sweep, 2 of 5 single-cell runs), and
+# its programs cannot enter the persistent compilation cache ("ToProto is not implemented for
+# thunk kind: onednn-fusion"), so every process recompiles. A default must not abort.
 DEFAULT = "default"
-TRAIN_DEFAULT = "onednn"
+TRAIN_DEFAULT = DEFAULT
 
 # Set beside XLA_FLAGS, so that a child process (a sweep's cell, a benchmark's worker) can tell
 # flags this module wrote from flags a user wrote, and replace them with its own choice.
@@ -223,7 +229,9 @@ def _configure(backend: str, explicit: bool, environ: MutableMapping[str, str]) 
             environ.pop("XLA_FLAGS", None)
             environ.pop(MARKER, None)
         return "default", note or "XLA CPU dots: XLA's own choice (--xla_backend=default)"
-    if _backends_started():
+    # Only this process's own environment is read by its backends; a mapping meant for a child
+    # process (a sweep's cell, a benchmark's worker) may be prepared at any time.
+    if environ is os.environ and _backends_started():
         raise RuntimeError(
             f"xla_backend.configure({backend!r}) was called after JAX initialized its backends, so XLA_FLAGS "
             "would be ignored: call it before the first jax.devices() or computation"

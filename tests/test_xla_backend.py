@@ -136,12 +136,19 @@ def test_onednn_off_linux_x86_refuses_when_asked_and_falls_back_by_default(monke
         xla_backend.configure("onednn", explicit=True, environ=environ)
 
 
-def test_too_late_once_jax_has_started():
+def test_too_late_once_jax_has_started(monkeypatch):
     import jax
 
     jax.devices()  # this test process's backends exist now: XLA_FLAGS would be read no more
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # as if the user had set none
+    monkeypatch.delenv(xla_backend.MARKER, raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     with pytest.raises(RuntimeError, match="after JAX initialized"):
-        xla_backend.configure("eigen", environ={"JAX_PLATFORMS": "cpu"})
+        xla_backend.configure("eigen")  # this process's own environment
+    assert "XLA_FLAGS" not in os.environ
+    # A mapping for a child process may still be prepared: the child's JAX has not started.
+    child = {"JAX_PLATFORMS": "cpu"}
+    assert xla_backend.configure("eigen", environ=child) == "eigen" and child["XLA_FLAGS"]
 
 
 # -- what reaches XLA, in fresh processes -----------------------------------------------------------
