@@ -1,14 +1,14 @@
 """Which kernel library XLA's CPU backend runs matrix multiplications with, chosen before JAX starts.
 
-jaxlib's CPU compiler can hand each dot to one of several libraries. Which is
-fastest depends on the dot's shape (``benchmarks/results/train_profile.md``):
-oneDNN wins on the train step's large matmuls (a thousand rows and more), and
-loses by 2-10x on decoding's few-row ones, where it repacks the whole weight
-matrix on every call. Every script defaults to XLA's own choice; oneDNN is
-``--xla_backend=onednn`` for training runs that want it (see ``TRAIN_DEFAULT``
-for why it is not the default). The choice is an XLA debug option,
-read from the ``XLA_FLAGS`` environment variable once, when JAX creates its CPU
-client; so it has to be made before anything touches a JAX backend. Scripts
+jaxlib's CPU compiler can hand each dot to one of several libraries, and none
+is fastest everywhere (``benchmarks/results/train_profile.md``): oneDNN ran
+GPT-2-124M's forward pass 1.1-1.3x faster than YNNPACK, XLA's own choice, but
+its few-row dots are 10-25x slower (greedy decoding: 0.46x), and it tied or
+lost elsewhere. Every script defaults to XLA's own choice (see ``DEFAULT`` and
+``TRAIN_DEFAULT`` for the evidence); ``--xla_backend`` picks another. The
+choice is an XLA debug option, read from the ``XLA_FLAGS`` environment
+variable once, when JAX creates its CPU client; so it has to be made before
+anything touches a JAX backend. Scripts
 take it as a flag, processed while absl parses the command line (before
 ``main`` runs, and so before the scripts import imitax's JAX modules)::
 
@@ -70,18 +70,20 @@ COMPILE_OPTIONS: dict[str, dict[str, Any]] = {
 }
 BACKENDS = ("default", *COMPILE_OPTIONS)
 
-# Chosen by measurement (float32, jaxlib 0.10.2, a 2-core AMD EPYC with AVX-512; the figures are in
-# benchmarks/results/train_profile.md, each backend timed round-robin in one run): oneDNN's dots made
-# the train step of GPT-2-124M and the forward pass faster than YNNPACK's in most runs (up to 1.2x),
-# while greedy decoding ran 2.2x slower with them (0.45x: a 8 x 768 @ 768 x 50257 dot takes 10x
-# YNNPACK's time) and scoring came out even. Training defaults to oneDNN; everything else, which may
-# decode (evaluation, the sweep's cells), leaves XLA's own choice. Where oneDNN is not built in,
-# configure() falls back to XLA's own choice for a default (an explicit request is an error).
-# Training keeps XLA's own choice too, for now: with oneDNN, jaxlib 0.10.2 aborted processes
+# Chosen by measurement (float32, jaxlib 0.10.2, a 2-core AMD EPYC with AVX-512, each backend timed
+# round-robin in one run; figures and commands in benchmarks/results/train_profile.md). Against
+# YNNPACK (XLA's own choice), oneDNN's dots: GPT-2-124M forward pass 1.1-1.3x; train step a wash
+# (GPT-2 0.8x-1.5x across loaded runs, 1.17x in one idle run; LLaMA-1B widths 0.98x); LLaMA-1B
+# forward pass 0.88x; scoring 0.94x; greedy decoding 0.46x (it repacks the weights on every call:
+# 1 to 8 rows x 768 @ 768 x 50257 take 10-25x longer). Eigen's plain dots were never ahead overall.
+# So XLA's own choice is the default, for training too (TRAIN_DEFAULT, scripts/train.py's): besides
+# the measurements, jaxlib 0.10.2 with oneDNN aborted processes
 # (`object_pool.h:117 Check failed: available_.size() == num_created_` in ~OneDnnFusionThunk, when
 # a compiled program is freed: 7 times in one 48-cell demo sweep, 2 of 5 single-cell runs), and
 # its programs cannot enter the persistent compilation cache ("ToProto is not implemented for
-# thunk kind: onednn-fusion"), so every process recompiles. A default must not abort.
+# thunk kind: onednn-fusion"), so every process recompiles. A default must not abort. Where
+# oneDNN is not built in, configure() falls back to XLA's own choice for a default (an explicit
+# request is an error).
 DEFAULT = "default"
 TRAIN_DEFAULT = DEFAULT
 
