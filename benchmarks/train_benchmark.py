@@ -2,7 +2,9 @@ r"""Train-step throughput and memory of imitax vs transformers + PyTorch AdamW, 
 
   python benchmarks/train_benchmark.py                       # GPT-2-124M 8x512, LLaMA-1B 2x512
   python benchmarks/train_benchmark.py --model=gpt2 --iters=3
-  python benchmarks/train_benchmark.py --model=llama1b --llama_layers=8   # less memory
+  python benchmarks/train_benchmark.py --model=llama1b --llama_layers=4   # less memory
+  python benchmarks/train_benchmark.py --model=llama1b_full  # all 16 layers (imitax alone needs ~21 GiB)
+  python benchmarks/train_benchmark.py --model=gpt2 --xla_backends=ynn,onednn --profile   # where the time goes
   python benchmarks/train_benchmark.py --smoke               # tiny shapes, seconds
 
 What one run measures, in this order:
@@ -17,8 +19,11 @@ What one run measures, in this order:
    AdamW.step()`` with the same hyperparameters. Both see the same batch of random tokens and
    put the loss on the same ``seq - 1`` next-token targets per row; their first losses must agree.
 3. Steps are timed round-robin after warm-up, medians reported (compile time excluded, shown
-   apart). FLOPs per token are the trainer's own count (``metrics.train_flops_per_token``:
-   6 x matmul weights + the full seq x seq attention), the same for both implementations.
+   apart), with a matmul probe in every round (each step's MFU is against its round's rate).
+   FLOPs per token are the trainer's own count (``metrics.train_flops_per_token``: 6 x matmul
+   weights + the full seq x seq attention), the same for both implementations. Beside the
+   targets (>= 1.2x PyTorch's step at >= 65% MFU): each step's process CPU seconds, kernel
+   seconds and minor page faults (``getrusage``), which tell work from waiting on a loaded machine.
 4. Memory: imitax's compiled step's memory analysis (arguments, outputs aliased to the donated
    inputs, temporaries) in bytes per parameter; the bytes of live JAX arrays before and after the
    timed steps (the same: one train state at a time, each step's output replacing its donated
@@ -28,6 +33,11 @@ When both implementations of a model do not fit in memory together (``MemAvailab
 one after the other (imitax first, freed, then PyTorch with the same seed's weights) instead of
 round-robin (``--order`` forces either); the notes say so. A phase that would not fit at all is
 skipped with a note.
+
+``--profile`` then times the step's parts compiled apart (forward + loss, forward + backward,
+the optimizer update) and traces whole steps with ``jax.profiler``: XLA:CPU records one event
+per executed HLO op, and each op's own time is filed by kind (matmuls by role, other fusions,
+buffer fills, copies) and phase (forward, backward, update) read from the compiled HLO.
 """
 
 from __future__ import annotations
