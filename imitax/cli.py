@@ -31,3 +31,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"error: {error_line(e)}\n(--helpfull lists the flags)")
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these (not a flags.Error) for an override of a field the config
+        # does not have, e.g. --config.steps=3.
+        text = str(e.args[0] if e.args else e)
+        while text[:1] in "'\"" and text[-1:] == text[:1] and len(text) > 1:  # KeyError's repr, nested
+            text = text[1:-1].encode().decode("unicode_escape")
+        name, _, hint = text.partition("\n")
+        name = name.strip("'\" ")
+        given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and name in a.split("=", 1)[0]]
+        where = given[0] if given else "--config"
+        hint = f" ({hint.strip()})" if hint.strip() else ""
+        sys.exit(f"error: {where}: the config has no field {name!r}{hint}")

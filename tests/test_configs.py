@@ -77,6 +77,26 @@ def test_the_script_reports_a_bad_config_argument_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.steps=3", "error: --config.steps: the config has no field 'steps'"),
+        ("--config.optimizer.lrr=3", "error: --config.optimizer.lrr: the config has no field 'lrr' (Did you mean"),
+    ],
+)
+def test_an_override_of_a_field_the_config_lacks_is_one_line(tmp_path, override, message):
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config=configs/finetune.py:tiny", f"--workdir={tmp_path}", override],
+        cwd=ROOT,
+        env=th.subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stderr.startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run_config.json").exists()
+
+
 # -- stand-ins for the study's weights and data ---------------------------------------------------
 
 
