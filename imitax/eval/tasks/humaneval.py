@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imitax.eval import execution, passk
-from imitax.eval.tasks import TaskResult, generate_until, register
+from imitax.eval.tasks.registry import TaskResult, generate_until, register
 
 __all__ = ["STOP_SEQUENCES", "HumanEval", "build_program", "load_problems", "truncate"]
 

@@ -41,8 +41,8 @@ import re
 from typing import Any
 
 from imitax.eval import metrics
-from imitax.eval.tasks import TaskResult, register
 from imitax.eval.tasks.multiple_choice import build_context, check_doc, choice_record, read_records, score_choices
+from imitax.eval.tasks.registry import TaskResult, register
 
 __all__ = ["CATEGORIES", "HUB_DATASET", "MMLU", "SUBJECTS", "description", "load_local", "prompt"]
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from imitax.eval import metrics
-from imitax.eval.tasks import TaskResult, register
+from imitax.eval.tasks.registry import TaskResult, register
 
 __all__ = [
     "LETTERS",

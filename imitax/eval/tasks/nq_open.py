@@ -57,8 +57,8 @@ from typing import Any
 import numpy as np
 
 from imitax.eval import metrics
-from imitax.eval.tasks import TaskResult, generate_until, register
 from imitax.eval.tasks.multiple_choice import read_records
+from imitax.eval.tasks.registry import TaskResult, generate_until, register
 
 __all__ = ["DESCRIPTION", "HUB_DATASET", "TFDS_NAME", "NQOpen", "format_question", "prompt"]
 

@@ -28,7 +28,7 @@ import re
 
 from imitax import data
 from imitax.eval import metrics, scoring
-from imitax.eval.tasks import TaskResult, register
+from imitax.eval.tasks.registry import TaskResult, register
 
 __all__ = ["Perplexity"]
 

@@ -62,8 +62,8 @@ from typing import Any
 from imitax import data
 from imitax.data.formats import TEACHER, USER, Conversation
 from imitax.eval import metrics, scoring
-from imitax.eval.tasks import TaskResult, generate_until, register
 from imitax.eval.tasks.multiple_choice import read_records
+from imitax.eval.tasks.registry import TaskResult, generate_until, register
 
 __all__ = ["SUMMARY_CUES", "Style", "has_list", "has_summary", "style_metrics"]
 
