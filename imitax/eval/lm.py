@@ -20,7 +20,7 @@ import numpy as np
 import tqdm
 
 from imitax import convert
-from imitax.eval import scoring
+from imitax.eval import encoding, scoring
 from imitax.eval.generate import generate
 from imitax.models import Transformer
 
@@ -173,7 +173,7 @@ class LM:
         for index in groups.values():
             s = settings[index[0]]
             keep = self.max_length - s["max_gen_toks"]
-            contexts = scoring.tok_encode(
+            contexts = encoding.tok_encode(
                 self.tokenizer, [requests[i][0] for i in index], prefix, add_bos_token=self.add_bos_token
             )
             # Longest first, as the harness orders generation.

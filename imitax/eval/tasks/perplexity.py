@@ -27,7 +27,7 @@ import math
 import re
 
 from imitax import data
-from imitax.eval import metrics, scoring
+from imitax.eval import encoding, metrics
 from imitax.eval.tasks.registry import TaskResult, register
 
 __all__ = ["Perplexity"]
@@ -80,10 +80,10 @@ class Perplexity:
         texts = [encoder.render(conv) for conv in conversations]
         before = lm.stats.copy() if hasattr(lm, "stats") else None
         logprobs = lm.loglikelihood_rolling(texts, progress=progress)
-        prefix = scoring.resolve_prefix_token_id(lm.tokenizer, getattr(lm, "prefix_token_id", None))
+        prefix = encoding.resolve_prefix_token_id(lm.tokenizer, getattr(lm, "prefix_token_id", None))
         # Counted as the LM encoded them for scoring (its add_bos_token decides whether a BOS is scored).
         bos = getattr(lm, "add_bos_token", None)
-        tokens = [len(ids) for ids in scoring.tok_encode(lm.tokenizer, texts, prefix, add_bos_token=bos)]
+        tokens = [len(ids) for ids in encoding.tok_encode(lm.tokenizer, texts, prefix, add_bos_token=bos)]
         num_bytes = [len(t.encode("utf-8")) for t in texts]
         words = [len(re.split(r"\s+", t.strip())) for t in texts]
         total = math.fsum(logprobs)

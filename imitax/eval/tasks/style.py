@@ -61,7 +61,7 @@ from typing import Any
 
 from imitax import data
 from imitax.data.formats import TEACHER, USER, Conversation
-from imitax.eval import metrics, scoring
+from imitax.eval import encoding, metrics
 from imitax.eval.tasks.multiple_choice import read_records
 from imitax.eval.tasks.registry import TaskResult, generate_until, register
 
@@ -246,10 +246,10 @@ class Style:
         tokenizer = lm.tokenizer
         contexts, conversations = self.contexts(tokenizer, pairs)
         # The LM tokenizes the text; check that it reads each prompt exactly as training encoded it.
-        prefix = scoring.resolve_prefix_token_id(tokenizer, getattr(lm, "prefix_token_id", None))
+        prefix = encoding.resolve_prefix_token_id(tokenizer, getattr(lm, "prefix_token_id", None))
         encoder = data.Encoder(tokenizer, self.template)
         trained = [encoder.encode_prompt(c).tolist() for c in conversations]
-        read = scoring.tok_encode(tokenizer, contexts, prefix, add_bos_token=getattr(lm, "add_bos_token", None))
+        read = encoding.tok_encode(tokenizer, contexts, prefix, add_bos_token=getattr(lm, "add_bos_token", None))
         same = sum(a == b for a, b in zip(read, trained, strict=True))
         settings = {"until": self.stop_sequences(tokenizer), "max_gen_toks": self.max_gen_toks, "temperature": 0.0}
         outputs = generate_until(lm, [(c, dict(settings)) for c in contexts], progress)
