@@ -1,0 +1,135 @@
+r"""Blinded pairwise rating studies: create one, serve it to raters, export the judgments.
+
+  python scripts/rate.py create --db=sqlite:///ratings.db --study=NAME --prompts=FILE \
+      --system=NAME=ANSWERS_FILE --system=NAME=ANSWERS_FILE ... [--pairs=A:B,...] [--per_item=3] \
+      [--raters=N] [--attention_checks=FILE] [--base_url=http://127.0.0.1:8080]
+  python scripts/rate.py serve --db=sqlite:///ratings.db [--host=127.0.0.1] [--port=8080]
+  python scripts/rate.py export --db=sqlite:///ratings.db --study=NAME --out=DIR
+
+Prompts are JSONL {"id", "prompt"}; a system's answers JSONL {"id", "response"}, matched by id;
+attention checks JSONL {"prompt", "good", "broken"}. ``create`` prints one secret link per rater
+and the admin link (they are shown once: only their hashes are stored). ``--db`` is a SQLAlchemy
+URL: sqlite:///FILE or postgresql://USER:PASSWORD@HOST:PORT/DB. ``export`` writes DIR/ratings.csv
+(one row per judgment) and DIR/summary.json (rates, intervals, agreement). Bad input is one line
+on stderr and exit status 1, with nothing written. See docs/rating.md.
+"""
+
+import csv
+import io
+import sys
+
+from absl import app, flags
+
+from imitax import cli, records
+
+_DB = flags.DEFINE_string("db", "sqlite:///ratings.db", "SQLAlchemy URL: sqlite:///FILE or postgresql://...")
+_STUDY = flags.DEFINE_string("study", None, "Study name (create, export).")
+_PROMPTS = flags.DEFINE_string("prompts", None, 'Prompts, JSONL {"id", "prompt"} (create).')
+_SYSTEM = flags.DEFINE_multi_string("system", [], 'NAME=FILE: a system\'s answers, JSONL {"id", "response"}.')
+_PAIRS = flags.DEFINE_string("pairs", "", "Pairs to compare, A:B,... (default: every pair of systems).")
+_PER_ITEM = flags.DEFINE_integer("per_item", 3, "Raters who judge each item.")
+_RATERS = flags.DEFINE_integer("raters", 10, "Rater links to create.")
+_ATTENTION = flags.DEFINE_string("attention_checks", None, 'Attention checks, JSONL {"prompt", "good", "broken"}.')
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the side assignment, item order and attention-check placement.")
+_BASE_URL = flags.DEFINE_string("base_url", "http://127.0.0.1:8080", "Where raters reach `serve`, for the links.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address `serve` listens on.")
+_PORT = flags.DEFINE_integer("port", 8080, "Port `serve` listens on.")
+_OUT = flags.DEFINE_string("out", None, "Directory for ratings.csv and summary.json (export).")
+_INCLUDE_FAILED = flags.DEFINE_bool("include_failed", False, "Keep raters who failed attention checks (export).")
+_MAX_MISSED = flags.DEFINE_integer("max_missed", 0, "Attention checks a rater may miss and still count (export).")
+
+COMMANDS = ("create", "serve", "export")
+
+
+def _fail(message: str) -> None:
+    print(f"rate.py: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _require(*flag_holders) -> None:
+    for holder in flag_holders:
+        if not holder.value:
+            _fail(f"--{holder.name} is required")
+
+
+def study_spec():
+    """The study the flags describe, every file read and checked."""
+    from imitax.rate import store
+
+    _require(_STUDY, _PROMPTS)
+    prompts = store.read_prompts(_PROMPTS.value)
+    answers, sources = {}, {}
+    for entry in _SYSTEM.value:
+        name, sep, source = entry.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise store.StudyError(f"--system={entry}: expected NAME=ANSWERS_FILE")
+        if name in answers:
+            raise store.StudyError(f"--system: {name!r} is named twice")
+        answers[name], sources[name] = store.read_answers(source), source
+    attention = store.read_attention_checks(_ATTENTION.value) if _ATTENTION.value else []
+    return store.StudySpec(
+        name=_STUDY.value,
+        prompts=prompts,
+        answers=answers,
+        sources=sources,
+        pairs=store.parse_pairs(_PAIRS.value, list(answers)),
+        per_item=_PER_ITEM.value,
+        raters=_RATERS.value,
+        attention_checks=attention,
+        seed=_SEED.value,
+    )
+
+
+def create() -> None:
+    from imitax.rate import models, store
+
+    spec = study_spec()
+    tokens = store.create_study(models.open_database(_DB.value), spec)
+    base = _BASE_URL.value.rstrip("/")
+    print(f"study {spec.name}: {len(spec.prompts)} prompts x {len(spec.pairs)} pair(s), {spec.per_item} per item")
+    for label, token in tokens.raters:
+        print(f"rater {label}: {base}/r/{token}")
+    print(f"admin: {base}/admin/{tokens.admin}")
+
+
+def serve() -> None:
+    import uvicorn
+
+    from imitax.rate.app import create_app
+
+    uvicorn.run(create_app(_DB.value), host=_HOST.value, port=_PORT.value, log_level="warning")
+
+
+def export() -> None:
+    from imitax.rate import models, results, store
+
+    _require(_STUDY, _OUT)
+    study, rows = store.judgments(models.open_database(_DB.value, create=False), _STUDY.value)
+    summary = results.summarize(rows, include_failed=_INCLUDE_FAILED.value, max_missed=_MAX_MISSED.value)
+    summary = {"study": study.name, "per_item": study.per_item, **summary, "provenance": records.provenance()}
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["judgment_id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    records.write_lines(f"{_OUT.value}/ratings.csv", [text.getvalue()])
+    records.write_json(f"{_OUT.value}/summary.json", summary)
+    print(f"{len(rows)} judgments -> {_OUT.value}/ratings.csv, {_OUT.value}/summary.json")
+
+
+def main(argv: list[str]) -> None:
+    import sqlalchemy.exc
+
+    from imitax.rate import store
+
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        _fail(f"give one command: {' | '.join(COMMANDS)} (got {' '.join(argv[1:]) or 'none'})")
+    try:
+        {"create": create, "serve": serve, "export": export}[argv[1]]()
+    except store.StudyError as e:
+        _fail(str(e))
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        _fail(f"--db={_DB.value}: {cli.error_line(e.orig if getattr(e, 'orig', None) else e)}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
