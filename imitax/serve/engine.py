@@ -1,0 +1,500 @@
+"""Continuous batching over the KV cache: requests join and leave a fixed set of cache slots between steps.
+
+>>> engine = Engine(model, tokenizer, max_batch=16, max_len=2048)
+>>> engine.start()
+>>> handle = engine.submit(prompt_ids, SamplingParams(max_tokens=32))
+>>> for event in handle: ...          # Token events, the last one with finish_reason set
+>>> engine.stop()
+
+The cache holds ``max_batch`` rows (slots) of ``max_len + chunk`` cache positions each. A
+request (each of its ``n`` choices) takes a free slot, is prefilled in chunks of ``chunk``
+tokens, then decodes one token per step until it stops; its slot is then free for the next
+request. Every step of the engine thread is at most two compiled programs:
+
+* a **prefill** of one chunk for up to ``prefill_rows`` slots that are still reading their
+  prompts (gathered from the cache, run, written back), so a long prompt takes several steps
+  and never stalls the slots that are decoding for more than one chunk's time;
+* a **decode** step of every slot at once (one new token each).
+
+Each slot has its own write index: the model's :meth:`~imitax.models.Transformer.extend`
+(whose cache has one index for its whole batch) is ``vmap``-ed over the slots, each a batch of
+one. A slot's keys are those of its own request only, at their own positions, so a request's
+greedy output does not depend on what else is in flight (up to the float rounding of
+differently batched matrix products). A new request needs no reset of its slot: it writes
+from cache position 0, and attention never reads positions at or past a row's last write.
+
+Compiled programs: the decode step (one shape) and the prefill for each row-count bucket (1,
+2, 4, ... up to ``prefill_rows``), all at the fixed chunk length: ``1 + len(buckets)``
+programs, whatever the request mix (:attr:`Engine.programs` lists the buckets).
+
+Sampling is per slot (temperature, top-k, top-p, seed), with the filters of
+:mod:`imitax.eval.generate`; the log-probability of each chosen token and the
+:data:`TOP_LOGPROBS` most likely tokens (of the model's own distribution, before
+temperature and filters, as vLLM and the OpenAI API report them) come back with every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from imitax.eval.generate import sample_logits
+from imitax.models import Transformer
+
+__all__ = ["TOP_LOGPROBS", "Engine", "EngineError", "Handle", "SamplingParams", "TokenEvent"]
+
+TOP_LOGPROBS = 20  # the most the OpenAI API returns per token (``top_logprobs`` <= 20)
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (too long, bad sampling settings); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded.
+
+    Attributes:
+      max_tokens: the most new tokens (``None``: until the context is full).
+      temperature: 0 decodes greedily; above 0 samples from ``softmax(logits / temperature)``.
+      top_p, top_k: nucleus and top-k filters (1.0 and 0 keep every token).
+      stop: strings that end the output (not included in it).
+      seed: the random seed of the first choice (choice ``i`` uses ``seed + i``); ``None``: a fresh one.
+      n: how many choices (each decoded in its own slot).
+      ignore_eos: keep going past the end-of-text token (benchmarks).
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Raises :class:`EngineError` for settings no request may have."""
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise EngineError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.n < 1:
+            raise EngineError(f"n must be >= 1, got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    """One step's news for one choice: new text (stop strings held back), and the finish reason at the end.
+
+    ``tokens`` (ids), ``logprobs`` (each chosen token's log-probability) and ``top`` (for each
+    token, ``(ids, logprobs)`` of the :data:`TOP_LOGPROBS` most likely) are aligned; ``text`` is
+    the decoded text that became final with them (it may lag the tokens by a few characters
+    while a stop string or a multi-byte character could still be forming).
+    """
+
+    choice: int
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[tuple[list[int], list[float]]]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+
+
+class Handle:
+    """A submitted request: iterate it (blocking) for its :class:`TokenEvent` s, or give it a callback."""
+
+    def __init__(self, n: int, prompt_tokens: int, on_event=None):
+        self.n, self.prompt_tokens = n, prompt_tokens
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._on_event = on_event or self._events.put
+        self._open = n
+        self.cancelled = False
+
+    def emit(self, event: TokenEvent) -> None:
+        self._on_event(event)
+
+    def cancel(self) -> None:
+        """Frees the request's slots at the next step (the client went away)."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while self._open:
+            event = self._events.get()
+            self._open -= event.finish_reason is not None
+            yield event
+
+
+@dataclasses.dataclass
+class _Slot:
+    """A choice in a cache slot: its prompt, what it has generated and how to go on."""
+
+    handle: Handle
+    choice: int
+    prompt: list[int]
+    params: SamplingParams
+    limit: int  # the most new tokens
+    seed: int
+    filled: int = 0  # cache positions written
+    generated: list[int] = dataclasses.field(default_factory=list)
+    pending: int | None = None  # the last sampled token, not yet in the cache
+    sent: int = 0  # characters of text already emitted
+
+    @property
+    def prefilling(self) -> bool:
+        return self.filled < len(self.prompt)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# -- the compiled programs ------------------------------------------------------------------------
+
+
+def _extend_rows(graphdef, state, cache, tokens_bt, positions_bt, segment_ids_bt, starts_b):
+    """``Transformer.hidden`` on each row with its own cache index: ``vmap`` over batches of one."""
+    model = nnx.merge(graphdef, state)
+
+    def one(tokens_t, positions_t, segment_ids_t, k, v, seg_s, pos_s, start):
+        row = {"k": k[:, None], "v": v[:, None], "segment_ids": seg_s[None], "positions": pos_s[None], "index": start}
+        h_1te, row = model.hidden(tokens_t[None], positions_t[None], segment_ids_t[None], row)
+        return h_1te[0], row["k"][:, 0], row["v"][:, 0], row["segment_ids"][0], row["positions"][0]
+
+    rows = jax.vmap(one, in_axes=(0, 0, 0, 1, 1, 0, 0, 0), out_axes=(0, 1, 1, 0, 0))
+    h_bte, k, v, seg, pos = rows(
+        tokens_bt, positions_bt, segment_ids_bt, cache["k"], cache["v"], cache["segment_ids"], cache["positions"],
+        starts_b,
+    )  # fmt: skip
+    return model, h_bte, {"k": k, "v": v, "segment_ids": seg, "positions": pos}
+
+
+def _pick(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b):
+    """Per-row tokens (greedy where the temperature is 0), their log-probabilities and the top ones."""
+    logits_bv = logits_bv.astype(jnp.float32)
+
+    def sample(logits_v, temperature, top_k, top_p, seed, count):
+        key = jax.random.fold_in(jax.random.key(seed), count)
+        return sample_logits(key, logits_v[None], jnp.where(temperature > 0, temperature, 1.0), top_k, top_p)[0]
+
+    sampled_b = jax.vmap(sample)(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b)
+    token_b = jnp.where(temperature_b > 0, sampled_b, jnp.argmax(logits_bv, axis=-1).astype(jnp.int32))
+    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    chosen_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
+    top_vals, top_ids = jax.lax.top_k(logp_bv, min(TOP_LOGPROBS, logp_bv.shape[-1]))
+    return token_b, chosen_b, top_ids, top_vals
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+def _prefill_step(graphdef, state, cache, rows_p, tokens_pc, positions_pc, segment_ids_pc, starts_p, last_p, sampling):
+    """One prompt chunk for the slots ``rows_p`` (a row equal to the batch size is padding: never written)."""
+    sub = {name: jnp.take(a, rows_p, axis=1 if name in ("k", "v") else 0, mode="clip") for name, a in cache.items()}
+    model, h_pce, sub = _extend_rows(graphdef, state, sub, tokens_pc, positions_pc, segment_ids_pc, starts_p)
+    h_pe = jnp.take_along_axis(h_pce, last_p[:, None, None], axis=1)[:, 0]
+    picked = _pick(model.logits(h_pe[:, None])[:, 0], *sampling)
+    new = {name: cache[name].at[:, rows_p].set(sub[name], mode="drop") for name in ("k", "v")}
+    for name in ("segment_ids", "positions"):
+        new[name] = cache[name].at[rows_p].set(sub[name], mode="drop")
+    return new, picked
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
+def _decode_step(graphdef, state, cache, tokens_b, starts_b, sampling):
+    """Writes each slot's pending token at its own index and picks the next one."""
+    ones_b1 = jnp.ones_like(tokens_b)[:, None]
+    model, h_b1e, cache = _extend_rows(graphdef, state, cache, tokens_b[:, None], starts_b[:, None], ones_b1, starts_b)
+    return cache, _pick(model.logits(h_b1e)[:, 0], *sampling)
+
+
+# -- the engine -------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Serves token-level requests from a thread that steps a fixed batch of KV-cache slots.
+
+    Args:
+      model: the language model.
+      tokenizer: its ``transformers`` tokenizer (decodes text for stop strings and streaming).
+      max_batch: cache slots, i.e. choices decoded at once; more wait in a queue.
+      max_len: the longest prompt plus output of one request (capped at a learned-position
+        model's ``max_position_embeddings``).
+      chunk: prompt tokens per slot and prefill step.
+      prefill_rows: the most slots one prefill step reads prompts for.
+      max_waiting: choices that may wait for a slot; :meth:`submit` refuses more (HTTP 429).
+      eos_token_ids: tokens that end a choice (default: the tokenizer's EOS).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        *,
+        max_batch: int = 16,
+        max_len: int = 2048,
+        chunk: int = 128,
+        prefill_rows: int = 4,
+        max_waiting: int | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ):
+        cfg = model.cfg
+        if max_batch < 1 or max_len < 2 or chunk < 1:
+            raise ValueError(f"need max_batch >= 1, max_len >= 2 and chunk >= 1, got {max_batch}, {max_len}, {chunk}")
+        if cfg.position == "learned" and max_len > cfg.max_position_embeddings:
+            log.warning("max_len %d capped at the model's %d learned positions", max_len, cfg.max_position_embeddings)
+            max_len = cfg.max_position_embeddings
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_len, self.chunk = max_batch, max_len, min(chunk, max_len)
+        self.max_waiting = 4 * max_batch if max_waiting is None else max_waiting
+        eos = tokenizer.eos_token_id if eos_token_ids is None else eos_token_ids
+        self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.buckets = tuple(1 << i for i in range(max(1, min(prefill_rows, max_batch)).bit_length()))
+        self.graphdef, self.state = nnx.split(model)
+        # A partly filled last chunk still writes a whole chunk: room for it past max_len.
+        cache = model.init_cache(max_batch, self.max_len + self.chunk)
+        # Each slot keeps its own index (on the host): the cache's shared "index" is not used.
+        self.cache = {name: cache[name] for name in ("k", "v", "segment_ids", "positions")}
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: list[_Slot] = []
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    @property
+    def programs(self) -> list[str]:
+        """The compiled programs the engine runs (one decode, one prefill per row bucket)."""
+        return ["decode"] + [f"prefill rows={p} chunk={self.chunk}" for p in self.buckets]
+
+    def warmup(self) -> None:
+        """Compiles every program before the first request (prefill rows all padding: nothing is written)."""
+        c = self.chunk
+        for p in self.buckets:
+            rows = [self.max_batch] * p
+            zeros = np.zeros((p, c), np.int32)
+            self.cache, _ = _prefill_step(
+                self.graphdef, self.state, self.cache, np.array(rows, np.int32), zeros, zeros, zeros,
+                np.zeros((p,), np.int32), np.zeros((p,), np.int32), self._sampling(rows),
+            )  # fmt: skip
+        # Idle slots write position 0, which the next request in them writes first.
+        zeros = np.zeros((self.max_batch,), np.int32)
+        self.cache, picked = _decode_step(
+            self.graphdef, self.state, self.cache, zeros, zeros, self._sampling([self.max_batch] * self.max_batch)
+        )
+        jax.block_until_ready(picked)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, on_event=None) -> Handle:
+        """Queues a request; its events go to ``on_event`` (called from the engine thread) or the handle.
+
+        Raises:
+          EngineError: bad settings, an empty or too long prompt, or a full queue (``.busy`` set).
+        """
+        params.check()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise EngineError(f"prompt token ids must be in [0, {vocab})")
+        room = self.max_len - len(prompt)
+        if room < 1:
+            raise EngineError(f"the prompt has {len(prompt)} tokens; this server's context is {self.max_len}")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise EngineError(
+                f"max_tokens {params.max_tokens} plus the prompt's {len(prompt)} tokens exceed this server's context "
+                f"of {self.max_len} tokens; ask for at most {room}"
+            )
+        seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if params.seed is None else params.seed
+        handle = Handle(params.n, len(prompt), on_event)
+        limit = params.max_tokens or room
+        with self._lock:
+            if self._stopping:
+                raise EngineError("the server is shutting down")
+            if len(self.waiting) + params.n > self.max_waiting:
+                error = EngineError(f"too many requests in flight ({self.max_waiting} may wait); retry later")
+                error.busy = True
+                raise error
+            for i in range(params.n):
+                self.waiting.append(_Slot(handle, i, prompt, params, limit, (seed + i) & 0x7FFFFFFF))
+            self._lock.notify()
+        return handle
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self.waiting) + sum(s is not None for s in self.slots)
+
+    # -- the thread ---------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="imitax-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True) -> None:
+        """Refuses new requests; with ``drain`` finishes the ones in flight, else aborts them; joins the thread."""
+        with self._lock:
+            self._stopping = True
+            if not drain:
+                for slot in self.waiting + [s for s in self.slots if s is not None]:
+                    slot.handle.cancel()
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self.waiting and all(s is None for s in self.slots) and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self.waiting and all(s is None for s in self.slots):
+                    return
+                self._admit()
+            try:
+                self.step()
+            except Exception:  # a failed step must not leave clients waiting forever
+                log.exception("engine step failed")
+                for i, slot in enumerate(self.slots):
+                    if slot is not None:
+                        self._finish(i, "abort")
+
+    def _admit(self) -> None:
+        for i, slot in enumerate(self.slots):
+            if slot is None and self.waiting:
+                self.slots[i] = self.waiting.pop(0)
+
+    def step(self) -> None:
+        """One prefill chunk (if any slot is reading its prompt) and one decode step (if any is decoding)."""
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.handle.cancelled:
+                self._finish(i, "abort")
+        prefilling = [i for i, s in enumerate(self.slots) if s is not None and s.prefilling]
+        if prefilling:
+            self._prefill(prefilling[: self.buckets[-1]])
+        decoding = [i for i, s in enumerate(self.slots) if s is not None and s.pending is not None]
+        if decoding:
+            self._decode(decoding)
+        self.steps += 1
+
+    def _sampling(self, rows: Sequence[int]) -> tuple[np.ndarray, ...]:
+        slots = [self.slots[i] if i < self.max_batch else None for i in rows]
+        params = [s.params if s is not None else SamplingParams(temperature=0.0) for s in slots]
+        return (
+            np.array([p.temperature for p in params], np.float32),
+            np.array([p.top_k for p in params], np.int32),
+            np.array([p.top_p for p in params], np.float32),
+            np.array([s.seed if s else 0 for s in slots], np.uint32),
+            np.array([len(s.generated) if s else 0 for s in slots], np.int32),
+        )
+
+    def _prefill(self, rows: list[int]) -> None:
+        p = next(b for b in self.buckets if b >= len(rows))
+        padded = rows + [self.max_batch] * (p - len(rows))
+        c = self.chunk
+        tokens = np.zeros((p, c), np.int32)
+        positions = np.zeros((p, c), np.int32)
+        segment_ids = np.zeros((p, c), np.int32)
+        starts = np.zeros((p,), np.int32)
+        last = np.zeros((p,), np.int32)
+        for j, i in enumerate(rows):
+            slot = self.slots[i]
+            part = slot.prompt[slot.filled : slot.filled + c]
+            tokens[j, : len(part)] = part
+            positions[j, : len(part)] = np.arange(slot.filled, slot.filled + len(part))
+            segment_ids[j, : len(part)] = 1
+            starts[j], last[j] = slot.filled, len(part) - 1
+            slot.filled += len(part)
+        self.cache, picked = _prefill_step(
+            self.graphdef,
+            self.state,
+            self.cache,
+            np.array(padded, np.int32),
+            tokens,
+            positions,
+            segment_ids,
+            starts,
+            last,
+            self._sampling(padded),
+        )
+        self._deliver([i for i in rows if not self.slots[i].prefilling], rows, picked)
+
+    def _decode(self, rows: list[int]) -> None:
+        tokens = np.zeros((self.max_batch,), np.int32)
+        starts = np.zeros((self.max_batch,), np.int32)
+        for i in rows:
+            slot = self.slots[i]
+            tokens[i], starts[i] = slot.pending, slot.filled
+        # Slots that are idle or reading their prompt write a token at their index too: a later
+        # write (their next chunk, or a new request from position 0) replaces it before it is read.
+        for i, slot in enumerate(self.slots):
+            if slot is not None and i not in rows:
+                starts[i] = slot.filled
+        self.cache, picked = _decode_step(
+            self.graphdef, self.state, self.cache, tokens, starts, self._sampling(range(self.max_batch))
+        )
+        for i in rows:
+            self.slots[i].filled += 1
+        self._deliver(rows, range(self.max_batch), picked)
+
+    def _deliver(self, rows: Sequence[int], order: Sequence[int], picked) -> None:
+        """Hands each row its new token (``order``: which slot each row of ``picked`` belongs to)."""
+        token_b, chosen_b, top_ids, top_vals = (np.asarray(a) for a in jax.device_get(picked))
+        where = {i: j for j, i in enumerate(order)}
+        for i in rows:
+            j = where[i]
+            slot = self.slots[i]
+            token = int(token_b[j])
+            slot.generated.append(token)
+            slot.pending = token
+            self._advance(i, token, float(chosen_b[j]), (top_ids[j].tolist(), top_vals[j].tolist()))
+
+    def _advance(self, i: int, token: int, logprob: float, top) -> None:
+        """Emits the text that became final with ``token``; ends the choice on eos, a stop string or its limit."""
+        slot = self.slots[i]
+        finish = None
+        text_tokens = slot.generated
+        if token in self.eos_ids and not slot.params.ignore_eos:
+            finish, text_tokens = "stop", slot.generated[:-1]
+        text = self.tokenizer.decode(text_tokens, skip_special_tokens=True)
+        found = (text.find(s, max(0, slot.sent - len(s))) for s in slot.params.stop)
+        cut = min((k for k in found if k >= 0), default=-1)
+        if cut >= 0:
+            finish, text = "stop", text[:cut]
+        elif finish is None and (len(slot.generated) >= slot.limit or slot.filled + 1 >= self.max_len):
+            finish = "length"
+        if finish is None:
+            # Hold back a partial character and anything that may begin a stop string.
+            safe = len(text.rstrip("\ufffd"))
+            for s in slot.params.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+            text = text[:safe]
+        new_text, slot.sent = text[slot.sent :], max(slot.sent, len(text))
+        slot.handle.emit(
+            TokenEvent(slot.choice, new_text, [token], [logprob], [top], finish, prompt_tokens=len(slot.prompt))
+        )
+        if finish is not None:
+            self.slots[i] = None
+
+    def _finish(self, i: int, reason: str) -> None:
+        slot = self.slots[i]
+        self.slots[i] = None
+        slot.handle.emit(TokenEvent(slot.choice, "", [], [], [], reason, prompt_tokens=len(slot.prompt)))
