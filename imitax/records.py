@@ -149,3 +149,61 @@ def provenance() -> dict[str, Any]:
         "git": git_revision(),
         "time": now(),
     }
+
+
+# -- the workdir guard ----------------------------------------------------------------------------------
+
+
+class ConfigMismatch(ValueError):
+    """A workdir's saved config record differs from the current config; ``keys`` are the differing keys."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
+
+
+def differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """The top-level keys whose values differ between two config records, less ``ignore``, sorted."""
+    ignored = set(ignore)
+    return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
+
+
+def check_config_record(
+    path: str | os.PathLike,
+    current: Mapping[str, Any],
+    *,
+    ignore: Iterable[str] = (),
+    allow: bool = False,
+    what: str = "a run",
+    noun: str = "keys",
+    fix: str = "Use another --workdir",
+) -> list[str]:
+    """Compares the config record saved at ``path`` with ``current``; returns the differing keys.
+
+    The one guard of a workdir against a run of another config: the trainer's ``run_config.json``
+    and the sweep's ``sweep_config.json``. No record yet (a new workdir, or a run that failed before
+    it recorded its config) differs in nothing. Writing the record is the caller's business (the
+    trainer writes it only once a step has trained).
+
+    Args:
+      path: the saved record (JSON).
+      current: the current config, as JSON data (``json.loads(config.to_json_best_effort())``).
+      ignore: keys that may differ (they do not change what is computed: steps to go, logging).
+      allow: return the differing keys instead of raising (the caller resumes or moves the old run aside).
+      what: what the workdir holds, for the message ("a run", "a sweep").
+      noun: what the keys are called in the message ("keys", "fields").
+      fix: the message's last sentence: what to do instead.
+
+    Raises:
+      ConfigMismatch: keys differ and ``allow`` is false; the message names the workdir, the keys and ``fix``.
+    """
+    saved = read_json(path)
+    if saved is None:
+        return []
+    changed = differing_keys(saved, current, ignore)
+    if changed and not allow:
+        workdir = epath.Path(path).parent
+        raise ConfigMismatch(
+            f"{workdir} holds {what} with a different config (differing {noun}: {', '.join(changed)}). {fix}", changed
+        )
+    return changed

@@ -34,17 +34,19 @@ cell together on the global mesh, and process 0 writes the records.
 
 from imitax.sweep.checks import validate
 from imitax.sweep.config import STYLE_METRICS, SweepError, default_config, resolved
-from imitax.sweep.local import run
-from imitax.sweep.plan import Cell, cell_train_config, expand
+from imitax.sweep.driver import run
+from imitax.sweep.plan import Cell, Step, cell_train_config, expand, graph
 from imitax.sweep.report import load_records, report, table_rows
 
 __all__ = [
     "STYLE_METRICS",
     "Cell",
+    "Step",
     "SweepError",
     "cell_train_config",
     "default_config",
     "expand",
+    "graph",
     "load_records",
     "report",
     "resolved",

@@ -1,4 +1,10 @@
-"""Running a sweep in this process (every host of a multi-host job runs the same command)."""
+"""Running a sweep's steps in this process: the workdir guard, the world, pretraining, one cell.
+
+:func:`execute` runs one step of the plan (a base model's pretraining or a cell) and writes its
+records; the local executor calls it in the driver's process, one step at a time, and the Ray
+executor calls it in a worker (:func:`execute_in_worker`). Every host of a multi-host job runs
+the same command, and all of them run each step together on the global mesh.
+"""
 
 from __future__ import annotations
 
@@ -7,77 +13,83 @@ import functools
 import json
 import os
 import shutil
+import socket
 import time
 import traceback
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-from absl import logging
 from etils import epath
 
 from imitax import convert, records
-from imitax.sweep.checks import check_keys, validate_and_build
-from imitax.sweep.config import CELL_FILE, UNGUARDED_FIELDS, SweepError, default_config, eval_tasks, items, resolved
-from imitax.sweep.plan import Cell, base_path, cell_path, cell_settings, cell_train_config
-from imitax.sweep.report import format_value, report
+from imitax.sweep import lease
+from imitax.sweep.config import CELL_FILE, UNGUARDED_FIELDS, SweepError, eval_tasks
+from imitax.sweep.plan import Cell, Step, base_path, cell_path, cell_settings, cell_train_config
 
 # -- the workdir's records ----------------------------------------------------------------------------
 
 
-def _guarded(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k not in UNGUARDED_FIELDS}
-
-
-def _check_workdir(config, workdir: epath.Path, allow_config_change: bool) -> None:
+def check_workdir(config, workdir: epath.Path, allow_config_change: bool) -> None:
     """Refuses a workdir that belongs to a sweep with a different config (unless allowed)."""
-    saved = records.read_json(workdir / "sweep_config.json")
     current = json.loads(config.to_json_best_effort())
-    if saved is not None:
-        old, new = _guarded(saved), _guarded(current)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed and not allow_config_change:
-            raise SweepError(
-                f"{workdir} holds a sweep with a different config (differing fields: {', '.join(changed)}). "
-                "Use another --workdir, or --allow_config_change to keep the finished cells whose settings "
-                "are unchanged and run the others"
-            )
+    try:
+        records.check_config_record(
+            workdir / "sweep_config.json",
+            current,
+            ignore=UNGUARDED_FIELDS,
+            allow=allow_config_change,
+            what="a sweep",
+            noun="fields",
+            fix="Use another --workdir, or --allow_config_change to keep the finished cells whose settings "
+            "are unchanged and run the others",
+        )
+    except records.ConfigMismatch as e:
+        raise SweepError(str(e)) from None
     if jax.process_index() == 0:
         records.write_json(workdir / "sweep_config.json", current)
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
 
 
-def _pretrain(config, workdir: epath.Path, model: str, log) -> None:
+def pretrain_record(config, workdir: epath.Path, model: str) -> tuple[epath.Path, str, dict | None]:
+    """Where a ``pretrain`` base model's record goes, its settings' fingerprint, and the record (if any)."""
+    done = workdir / "base" / model / "pretrained.json"
+    fingerprint = records.fingerprint(config.base_models[model].pretrain.to_dict())
+    return done, fingerprint, records.read_json(done)
+
+
+def pretrain_done(config, workdir: epath.Path, model: str) -> bool:
+    _, fingerprint, record = pretrain_record(config, workdir, model)
+    return record is not None and record.get("fingerprint") == fingerprint
+
+
+def _pretrain(config, workdir: epath.Path, model: str, log) -> dict[str, Any]:
     """Trains a ``pretrain`` base model (resumes it when interrupted; skips it when done)."""
     from imitax.train import loop
 
-    path = workdir / "base" / model
-    done = path / "pretrained.json"
-    spec = config.base_models[model].pretrain
-    fingerprint = records.fingerprint(spec.to_dict())
-    record = records.read_json(done)
+    done, fingerprint, record = pretrain_record(config, workdir, model)
     if record is not None and record.get("fingerprint") == fingerprint:
-        return
-    train = ml_collections.ConfigDict(spec.to_dict())
+        return {"status": "done"}
+    train = ml_collections.ConfigDict(config.base_models[model].pretrain.to_dict())
     train.progress = False
     train.overwrite = record is not None  # its settings changed (allowed): start it over
     log(f"pretraining base model {model} ({train.total_steps} steps)")
     start = time.perf_counter()
-    result = loop.run(train, str(path))
+    result = loop.run(train, str(workdir / "base" / model))
     if result.get("preempted"):
-        raise _Preempted()
+        return {"status": "preempted"}
+    seconds = time.perf_counter() - start
     if jax.process_index() == 0:
-        records.write_json(done, {"fingerprint": fingerprint, "seconds": time.perf_counter() - start, "result": result})
-    _barrier(f"imitax_pretrained_{model}")
-    log(f"pretrained {model} in {time.perf_counter() - start:.0f} s (loss {result.get('loss', float('nan')):.3f})")
+        records.write_json(done, {"fingerprint": fingerprint, "seconds": seconds, "result": result})
+    barrier(f"imitax_pretrained_{model}")
+    log(f"pretrained {model} in {seconds:.0f} s (loss {result.get('loss', float('nan')):.3f})")
+    return {"status": "done", "seconds": seconds}
 
 
 class _Preempted(Exception):
@@ -127,7 +139,16 @@ def _run_cell(config, tasks: dict, workdir: epath.Path, cell: Cell, fingerprint:
     from imitax.train import loop
 
     cell_dir = cell_path(workdir, cell)
-    record = _new_record(cell, fingerprint, status="running", started=records.now())
+    # Who runs it (a killed Ray worker is found by its pid) and the checkpoint it resumes from.
+    steps = [int(p.name) for p in (cell_dir / "train" / "checkpoints").glob("*") if p.name.isdigit()]
+    record = _new_record(
+        cell,
+        fingerprint,
+        status="running",
+        started=records.now(),
+        worker={"host": socket.gethostname(), "pid": os.getpid()},
+        resumed_from_step=max(steps, default=None),
+    )
     previous = records.read_json(cell_dir / CELL_FILE) or {}
     changed = previous.get("fingerprint") not in (None, fingerprint)
     if jax.process_index() == 0:
@@ -153,109 +174,139 @@ def _run_cell(config, tasks: dict, workdir: epath.Path, cell: Cell, fingerprint:
     return record
 
 
-def _build_world(config, workdir: epath.Path, log) -> None:
+def build_world(config, workdir: epath.Path, log, leases: lease.Leases | None) -> None:
+    """Generates the demo's world once (with several drivers, the one holding its lease does; the others wait)."""
     from imitax.demo import world
 
     out = workdir / "world"
     settings = config.world.to_dict()
     fingerprint = records.fingerprint(settings)
-    record = records.read_json(out / "built.json")
-    if record is not None and record.get("fingerprint") == fingerprint:
-        return
-    if jax.process_index() == 0:
-        if out.exists():
-            shutil.rmtree(str(out))
-        try:
-            world_config = world.WorldConfig(**settings)
-        except (TypeError, ValueError) as e:
-            raise SweepError(f"world: {e}") from None
-        summary = world.build(world_config, str(out))
-        records.write_json(out / "built.json", {"fingerprint": fingerprint, "summary": summary})
-        log(f"generated the synthetic world in {out}")
-    _barrier("imitax_world_built")
 
+    def built() -> bool:
+        record = records.read_json(out / "built.json")
+        return record is not None and record.get("fingerprint") == fingerprint
 
-def run(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
-    *,
-    stop_on_error: bool = False,
-    allow_config_change: bool = False,
-    log=None,
-) -> dict[str, Any]:
-    """Runs (or resumes) the sweep; writes the records and the report. Returns a summary.
-
-    Raises:
-      SweepError: a bad config or a workdir of another sweep (before anything runs), or, with
-        ``stop_on_error``, the first failed cell.
-    """
-    log = log or (lambda msg: logging.info("%s", msg))
-    workdir = epath.Path(workdir).resolve() if not str(workdir).startswith("gs://") else epath.Path(workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-    check_keys(config, default_config(), "config")
-    _check_workdir(config, workdir, allow_config_change)
-    if config.world:
-        _build_world(config, workdir, log)
-    cells, tasks = validate_and_build(config, workdir)
-    config = resolved(config, workdir)
-    start = time.perf_counter()
-    log(f"sweep {config.name!r}: {len(cells)} cells, {len(config.base_models)} base models, workdir {workdir}")
-
-    for model, spec in config.base_models.items():
-        if spec.get("pretrain"):
-            _pretrain(config, workdir, model, log)
-
-    done_seconds, failed, ran = [], [], 0
-    for i, cell in enumerate(cells, start=1):
-        cell_dir = cell_path(workdir, cell)
-        fingerprint = records.fingerprint(cell_settings(config, workdir, cell))
-        record = records.read_json(cell_dir / CELL_FILE)
-        if record and record.get("status") == "done" and record.get("fingerprint") == fingerprint:
-            log(f"[{i}/{len(cells)}] {cell.id}: finished earlier, kept")
+    lease_path = workdir / "world.lease.json"
+    while not built():
+        if leases is not None and not leases.acquire(lease_path):
+            time.sleep(1.0)  # another driver is building it
             continue
-        resumed = " (resuming)" if (cell_dir / "train" / "checkpoints").exists() else ""
-        log(f"[{i}/{len(cells)}] {cell.id}: {'evaluating' if cell.source is None else 'training'}{resumed}")
-        t0 = time.perf_counter()
         try:
-            record = _run_cell(config, tasks, workdir, cell, fingerprint)
-        except _Preempted:
-            log(f"[{i}/{len(cells)}] {cell.id}: preempted (SIGTERM); rerun the same command to resume")
-            return {"preempted": True, "cells": len(cells)}
-        except Exception as e:  # noqa: BLE001 - a failed cell is recorded and the sweep goes on
-            record = _new_record(
-                cell, fingerprint, status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()
-            )
             if jax.process_index() == 0:
-                records.write_json(cell_dir / CELL_FILE, record)
-            failed.append(cell.id)
-            log(f"[{i}/{len(cells)}] {cell.id}: FAILED: {record['error']}")
-            if stop_on_error:
-                raise SweepError(f"cell {cell.id} failed: {record['error']} (details in {cell_dir / CELL_FILE})") from e
-            continue
-        if jax.process_index() == 0:
-            records.write_json(cell_dir / CELL_FILE, record)
-        _barrier(f"imitax_cell_{i}")
-        ran += 1
-        seconds = time.perf_counter() - t0
-        done_seconds.append(seconds)
-        left = sum(1 for c in cells[i:])
-        eta = left * float(np.mean(done_seconds))
-        shown = [m for m in items(config.report.metrics) if m in record["metrics"]] or list(record["metrics"])
-        headline = ", ".join(f"{k} {format_value(record['metrics'][k])}" for k in shown[:4])
-        log(
-            f"[{i}/{len(cells)}] {cell.id}: done in {seconds:.0f} s ({headline}); "
-            f"elapsed {_clock(time.perf_counter() - start)}, ~{_clock(eta)} left"
+                if out.exists():
+                    shutil.rmtree(str(out))
+                try:
+                    world_config = world.WorldConfig(**settings)
+                except (TypeError, ValueError) as e:
+                    raise SweepError(f"world: {e}") from None
+                summary = world.build(world_config, str(out))
+                records.write_json(out / "built.json", {"fingerprint": fingerprint, "summary": summary})
+                log(f"generated the synthetic world in {out}")
+            barrier("imitax_world_built")
+        finally:
+            if leases is not None:
+                leases.release(lease_path)
+        return
+
+
+# -- one step ------------------------------------------------------------------------------------------
+
+
+def lease_path(workdir: epath.Path, step: Step) -> epath.Path:
+    """Where a step's lease lives: in its cell's directory, or beside its base model's training workdir."""
+    if step.cell is None:
+        return workdir / "base" / f"{step.model}.{lease.LEASE_FILE}"
+    return cell_path(workdir, step.cell) / lease.LEASE_FILE
+
+
+def step_status(config, workdir: epath.Path, step: Step) -> str | None:
+    """``'done'`` (finished with the current settings), ``'failed'``, or None (not run, running, or stale)."""
+    if step.cell is None:
+        return "done" if pretrain_done(config, workdir, step.model) else None
+    record = records.read_json(cell_path(workdir, step.cell) / CELL_FILE)
+    if not record or record.get("fingerprint") != records.fingerprint(cell_settings(config, workdir, step.cell)):
+        return None
+    return record.get("status") if record.get("status") in ("done", "failed") else None
+
+
+def execute(config, tasks: dict, workdir: epath.Path, step: Step, log) -> dict[str, Any]:
+    """Runs one step here and writes its records; returns its outcome.
+
+    The outcome's ``status`` is ``'done'``, ``'failed'`` (a cell's error, recorded in its
+    ``cell.json``: the sweep goes on) or ``'preempted'`` (SIGTERM: the trainer saved; a rerun
+    resumes); a cell's outcome also holds its ``record``. A failed pretraining raises: its cells
+    cannot run.
+    """
+    if step.cell is None:
+        return _pretrain(config, workdir, step.model, log)
+    cell = step.cell
+    cell_dir = cell_path(workdir, cell)
+    fingerprint = records.fingerprint(cell_settings(config, workdir, cell))
+    try:
+        record = _run_cell(config, tasks, workdir, cell, fingerprint)
+    except _Preempted:
+        return {"status": "preempted"}
+    except Exception as e:  # noqa: BLE001 - a failed cell is recorded and the sweep goes on
+        record = _new_record(
+            cell, fingerprint, status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()
         )
-    summary = {"cells": len(cells), "ran": ran, "failed": failed}
     if jax.process_index() == 0:
-        paths = report(workdir, config)
-        summary["report"] = paths
-        log(f"results: {paths['markdown']}; plots in {paths['plots']}")
-    _barrier("imitax_sweep_done")
-    return summary
+        records.write_json(cell_dir / CELL_FILE, record)
+    return {"status": record["status"], "record": record}
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
+@functools.lru_cache(maxsize=1)
+def _worker_tasks(eval_json: str) -> dict:
+    """The evaluation tasks, built and loaded once per worker process (the same for every cell)."""
+    from imitax.eval import evaluator
+
+    return evaluator.build_tasks(json.loads(eval_json), load=True)
+
+
+def execute_in_worker(config, workdir: str, step: Step) -> dict[str, Any]:
+    """:func:`execute` in a Ray worker: sets up the compilation cache and the tasks once per process.
+
+    A failed pretraining comes back as ``{'status': 'failed', 'error': ...}`` (the driver stops
+    the sweep with it), so that Ray does not retry a step that fails the same way each time;
+    Ray retries only what kills the worker.
+    """
+    from imitax import distributed
+
+    workdir = epath.Path(workdir)
+    if config.compilation_cache:
+        distributed.use_compilation_cache(str(workdir / "jax_cache"))
+    tasks = _worker_tasks(json.dumps(eval_tasks(config), sort_keys=True))
+    try:
+        return execute(config, tasks, workdir, step, log=lambda msg: print(f"[sweep] {msg}", flush=True))
+    except Exception as e:  # noqa: BLE001 - sent back to the driver, which stops the sweep with it
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+class LocalExecutor:
+    """Runs each step in this process, one at a time, as it is submitted (the default executor)."""
+
+    capacity = 1
+
+    def __init__(self):
+        self._finished: list[tuple[Step, dict[str, Any]]] = []
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def prepare(self, config, workdir: epath.Path, tasks: dict, log) -> None:
+        self.config, self.workdir, self.tasks, self.log = config, workdir, tasks, log
+
+    def has_room(self) -> bool:
+        return not self._finished
+
+    def submit(self, step: Step) -> None:
+        self._finished.append((step, execute(self.config, self.tasks, self.workdir, step, self.log)))
+
+    def wait(self, timeout: float) -> list[tuple[Step, dict[str, Any]]]:
+        finished, self._finished = self._finished, []
+        if not finished:
+            time.sleep(timeout)  # steps other drivers hold: look again in a while
+        return finished

@@ -107,3 +107,100 @@ def cell_settings(config, workdir: epath.Path, cell: Cell) -> dict[str, Any]:
     if cell.source is not None:
         settings["train"] = json.loads(cell_train_config(config, workdir, cell).to_json_best_effort())
     return settings
+
+
+# -- the plan as a graph --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One node of the plan: a base model's pretraining (``cell is None``) or one cell.
+
+    ``needs`` are the ids of the steps that must finish first (a cell needs its base model's
+    pretraining); ``index`` is a cell's 1-based place in the grid's order (0 for pretraining).
+    """
+
+    id: str
+    model: str
+    cell: Cell | None
+    needs: tuple[str, ...]
+    index: int = 0
+
+
+def pretrain_id(model: str) -> str:
+    return f"{model}/pretrain"
+
+
+def graph(config, cells: list[Cell]) -> list[Step]:
+    """The steps that run ``cells``, in an order that respects their dependencies.
+
+    Pretraining steps (one per ``pretrain`` base model that a cell uses) come first, in the
+    order of ``base_models``; then the cells, in grid order, each needing its model's
+    pretraining when the model has one.
+    """
+    index = {c.id: i for i, c in enumerate(expand(config), start=1)}
+    used = {c.model for c in cells}
+    pretrained = [m for m in config.base_models if m in used and config.base_models[m].get("pretrain")]
+    steps = [Step(pretrain_id(m), m, None, ()) for m in pretrained]
+    for cell in cells:
+        needs = (pretrain_id(cell.model),) if cell.model in pretrained else ()
+        steps.append(Step(cell.id, cell.model, cell, needs, index.get(cell.id, 0)))
+    return steps
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``'I/N'`` -> ``(I, N)``, the I-th (from 0) of N shards.
+
+    Raises:
+      SweepError: not two integers with 0 <= I < N.
+    """
+    try:
+        i, n = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise SweepError(f"--cells={spec}: expected I/N (run the I-th of N shards, e.g. --cells=0/4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise SweepError(f"--cells={spec}: shard {i} out of range for {n} shards; use 0 <= I < N, e.g. --cells=0/{n}")
+    return i, n
+
+
+def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """The ``index``-th of ``count`` shards: every ``count``-th cell of the grid's order from ``index``.
+
+    Dealt round-robin so that each shard gets a share of every (model, source)'s budgets, small
+    and large; the shards of one grid are disjoint and together hold every cell.
+    """
+    return cells[index::count]
+
+
+def estimate(config, workdir: epath.Path, step: Step) -> dict[str, Any]:
+    """A step's size before it runs: training steps, row length, tokens, parameters, training FLOPs.
+
+    FLOPs are 6 · parameters · tokens (forward and backward of a dense transformer, attention
+    left out); an evaluation-only step (a base model's own cell) counts none. Parameters come
+    from the model's config: the pretraining config's architecture, or ``init_from``'s
+    ``config.json`` (None when that is not there yet).
+    """
+    from imitax import convert
+    from imitax.train import config as train_config
+
+    spec = config.base_models[step.model]
+    if spec.get("pretrain"):
+        train = spec.pretrain
+        params = train_config.model_config(train).num_params()
+    else:
+        try:
+            params = convert.model_config(spec.init_from).num_params()
+        except (ValueError, FileNotFoundError):
+            params = None
+    if step.cell is None:  # pretraining: total_steps rows of batch_size x seq_len
+        tokens = train.total_steps * train.batch_size * train.seq_len
+        steps, seq_len = train.total_steps, train.seq_len
+    elif step.cell.source is None:
+        tokens, steps, seq_len = 0, 0, None
+    else:
+        train = cell_train_config(config, workdir, step.cell)
+        tokens, seq_len = step.cell.tokens, train.seq_len
+        # One epoch of the budget, as packed rows (the trainer's count is within a row of this).
+        steps = train.total_steps if train.total_steps > 0 else -(-tokens // (train.batch_size * train.seq_len))
+    flops = None if params is None else 6 * params * tokens
+    return {"steps": steps, "seq_len": seq_len, "tokens": tokens, "params": params, "flops": flops}
