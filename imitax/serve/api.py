@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from imitax.data import templates
 from imitax.data.formats import TEACHER, USER, Conversation
-from imitax.serve.engine import TOP_LOGPROBS, Engine, EngineError, SamplingParams, TokenEvent
+from imitax.serve.engine import TOP_LOGPROBS, Engine, EngineBusy, EngineError, SamplingParams, TokenEvent
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -134,7 +134,7 @@ def create_app(
     encoder = templates.Encoder(tokenizer, template)  # checks the template against the tokenizer now
     created = int(time.time())
     app = FastAPI(title="imitax", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.template = engine, template
+    app.state.engine, app.state.template, app.state.model_name = engine, template, model_name
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
@@ -175,9 +175,9 @@ def create_app(
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         try:
             handle = engine.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        except EngineBusy as e:
+            raise ApiError(429, str(e), "rate_limit_error") from None
         except EngineError as e:
-            if getattr(e, "busy", False):
-                raise ApiError(429, str(e), "rate_limit_error") from None
             raise ApiError(400, str(e)) from None
         return handle, events
 

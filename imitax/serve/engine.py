@@ -50,7 +50,7 @@ from flax import nnx
 from imitax.eval.generate import sample_logits
 from imitax.models import Transformer
 
-__all__ = ["TOP_LOGPROBS", "Engine", "EngineError", "Handle", "SamplingParams", "TokenEvent"]
+__all__ = ["TOP_LOGPROBS", "Engine", "EngineBusy", "EngineError", "Handle", "SamplingParams", "TokenEvent"]
 
 TOP_LOGPROBS = 20  # the most the OpenAI API returns per token (``top_logprobs`` <= 20)
 
@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 class EngineError(ValueError):
     """A request the engine cannot serve (too long, bad sampling settings); the message says why."""
+
+
+class EngineBusy(EngineError):
+    """Too many requests in flight: the same request may succeed later (HTTP 429)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +240,8 @@ class Engine:
         model's ``max_position_embeddings``).
       chunk: prompt tokens per slot and prefill step.
       prefill_rows: the most slots one prefill step reads prompts for.
-      max_waiting: choices that may wait for a slot; :meth:`submit` refuses more (HTTP 429).
+      max_waiting: choices that may wait for a slot when all are busy; :meth:`submit` refuses
+        more (HTTP 429).
       eos_token_ids: tokens that end a choice (default: the tokenizer's EOS).
     """
 
@@ -304,7 +309,7 @@ class Engine:
         """Queues a request; its events go to ``on_event`` (called from the engine thread) or the handle.
 
         Raises:
-          EngineError: bad settings, an empty or too long prompt, or a full queue (``.busy`` set).
+          EngineError: bad settings, an empty or too long prompt, or (:class:`EngineBusy`) a full queue.
         """
         params.check()
         prompt = [int(t) for t in prompt]
@@ -324,13 +329,14 @@ class Engine:
         seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if params.seed is None else params.seed
         handle = Handle(params.n, len(prompt), on_event)
         limit = params.max_tokens or room
+        capacity = self.max_batch + self.max_waiting
+        if params.n > capacity:
+            raise EngineError(f"n={params.n} is more than this server holds at once ({capacity})")
         with self._lock:
             if self._stopping:
                 raise EngineError("the server is shutting down")
-            if len(self.waiting) + params.n > self.max_waiting:
-                error = EngineError(f"too many requests in flight ({self.max_waiting} may wait); retry later")
-                error.busy = True
-                raise error
+            if len(self.waiting) + sum(s is not None for s in self.slots) + params.n > capacity:
+                raise EngineBusy(f"too many requests in flight (at most {capacity} choices); retry later")
             for i in range(params.n):
                 self.waiting.append(_Slot(handle, i, prompt, params, limit, (seed + i) & 0x7FFFFFFF))
             self._lock.notify()
