@@ -84,6 +84,7 @@ def create() -> None:
     from imitax.rate import models, store
 
     spec = study_spec()
+    store.check(spec)  # before the database is opened (and, for SQLite, created)
     tokens = store.create_study(models.open_database(_DB.value), spec)
     base = _BASE_URL.value.rstrip("/")
     print(f"study {spec.name}: {len(spec.prompts)} prompts x {len(spec.pairs)} pair(s), {spec.per_item} per item")

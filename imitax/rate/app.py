@@ -70,7 +70,8 @@ class RateRequest(BaseModel):
 class BodyLimit:
     """Refuses request bodies over ``limit`` bytes with 413, whether or not Content-Length is sent.
 
-    Starlette and uvicorn have no body size limit of their own, so this small ASGI wrapper is one.
+    Starlette and uvicorn have no body size limit of their own, so this small ASGI wrapper is one:
+    it reads the body (at most ``limit`` bytes) before the app runs, then hands it on unchanged.
     """
 
     def __init__(self, app, limit: int):
@@ -81,29 +82,30 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _too_large(send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+            return await self._refuse(scope, send)
+        body, more = b"", True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(scope, send)
+        sent = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await _too_large(send)
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
+        await self.app(scope, replay, send)
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _too_large(send) -> None:
-    await JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)({"type": "http"}, None, send)
+    async def _refuse(self, scope, send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+        await response(scope, None, send)
 
 
 def _signing_key(engine: Engine) -> bytes:
