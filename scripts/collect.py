@@ -82,7 +82,7 @@ def _prompts():
 
     seed_pairs = []
     for path in _PROMPTS.value:  # the nq_open task's own reader and checks
-        seed_pairs += tasks.get("nq_open")(data_file=path, fewshot_file=path, num_fewshot=0).load()[0]
+        seed_pairs += tasks.get("nq_open")(data_file=path, num_fewshot=0).load()[0]
     n = min(_NQ_REQUESTS.value, _LIMIT.value) if _LIMIT.value is not None else _NQ_REQUESTS.value
     prompts = nq_synthetic.build_prompts(seed_pairs, n, _NQ_EXAMPLES.value, _NQ_PAIRS.value, _SEED.value or 0)
     return prompts, {"nq_synthetic": len(prompts)}, seed_pairs
