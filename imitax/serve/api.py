@@ -274,12 +274,16 @@ class _Reply:
         return {
             "tokens": tokens,
             "token_logprobs": event.logprobs,
-            "top_logprobs": [
-                {self._token(i): v for i, v in zip(ids[: self.top], vals[: self.top], strict=True)}
-                for ids, vals in event.top
-            ],
+            "top_logprobs": [self._top_dict(ids, vals) for ids, vals in event.top],
             "text_offset": offsets,
         }
+
+    def _top_dict(self, ids: list[int], vals: list[float]) -> dict[str, float]:
+        """The legacy ``{token text: logprob}``: ids that decode alike keep the likeliest one's logprob."""
+        top: dict[str, float] = {}
+        for i, v in zip(ids[: self.top], vals[: self.top], strict=True):
+            top.setdefault(self._token(i), v)
+        return top
 
     @staticmethod
     def _merge_logprobs(into: dict | None, more: dict | None) -> dict | None:
