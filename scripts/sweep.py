@@ -5,6 +5,11 @@ evaluate each cell, and draw the study's figures. Rerunning the same command res
   python scripts/sweep.py --config=configs/paper/sweep.py:models=llama_7b --workdir=gs://bucket/sweep \
       --config.base_models.llama_7b.init_from=/weights/llama-7b --config.token_budgets=0,300K,1M ...
   python scripts/sweep.py --report_only --workdir=out/demo      # redraw the table and plots
+  python scripts/sweep.py --config=configs/demo.py --workdir=out/demo --dry_run     # print the plan
+  python scripts/sweep.py --config=configs/demo.py --workdir=out/demo --executor=ray --max_concurrent_cells=2
+  python scripts/sweep.py --config=... --workdir=... --cells=3/8   # one shard (a SLURM array task)
+
+docs/launch.md has the recipes for Ray clusters (TPU VMs, GPU nodes) and SLURM arrays.
 """
 
 import sys
@@ -24,6 +29,16 @@ flags.DEFINE_bool(
     False,
     "Run in a workdir whose sweep had a different config: keep finished cells whose settings are unchanged.",
 )
+flags.DEFINE_enum("executor", "local", ["local", "ray"], "local: one cell at a time in this process; ray: Ray tasks.")
+flags.DEFINE_string("ray_address", "local", "--executor=ray: local (start Ray here), auto, or the head's HOST:PORT.")
+flags.DEFINE_string("cell_resources", "CPU:1", "--executor=ray: what each cell asks for, e.g. CPU:1, GPU:1, TPU:4.")
+flags.DEFINE_integer("max_concurrent_cells", 2, "--executor=ray: cells running at once.")
+flags.DEFINE_integer("retries", 2, "--executor=ray: reruns of a cell whose worker died (it resumes).")
+flags.DEFINE_string("cells", "", "Run only the I-th of N shards of the grid, I/N (e.g. a SLURM array task's).")
+flags.DEFINE_bool("dry_run", False, "Print the plan (steps, tokens, FLOPs, estimated time) and exit.")
+flags.DEFINE_float(
+    "throughput", 0.0, "--dry_run: training FLOP/s per cell (default: measured from this workdir's finished cells)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -36,6 +51,23 @@ class _QuietLibraries:
 
 def _log(message: str) -> None:
     print(f"[sweep] {message}", flush=True)
+
+
+def _plan(config, workdir: str) -> str:
+    """The plan of the grid (or of the --cells shard) as a table; runs and writes nothing."""
+    from etils import epath
+
+    from imitax import sweep
+    from imitax.sweep import plan
+
+    workdir = epath.Path(workdir)
+    config = sweep.resolved(config, workdir)
+    cells = sweep.expand(config)
+    if FLAGS.cells:
+        cells = plan.shard(cells, *plan.parse_shard(FLAGS.cells))
+    flops_per_second, eval_s = plan.measured_throughput(sweep.load_records(workdir))
+    flops_per_second = FLAGS.throughput or flops_per_second
+    return plan.plan_table(config, workdir, sweep.graph(config, cells), flops_per_second, eval_s)
 
 
 def main(argv):
@@ -53,6 +85,9 @@ def main(argv):
             return
         if FLAGS.config is None:
             raise sweep.SweepError("--config is required (e.g. --config=configs/demo.py), unless --report_only")
+        if FLAGS.dry_run:
+            print(_plan(FLAGS.config, FLAGS.workdir))
+            return
         distributed.initialize(FLAGS.config.train.distributed)  # several processes: one per host
         if FLAGS.config.compilation_cache:  # one cache for every cell, and for a rerun
             distributed.use_compilation_cache(f"{FLAGS.workdir.rstrip('/')}/jax_cache")
@@ -62,6 +97,12 @@ def main(argv):
             stop_on_error=FLAGS.stop_on_error,
             allow_config_change=FLAGS.allow_config_change,
             log=_log,
+            executor=FLAGS.executor,
+            cells=FLAGS.cells,
+            ray_address=FLAGS.ray_address,
+            cell_resources=FLAGS.cell_resources,
+            max_concurrent_cells=FLAGS.max_concurrent_cells,
+            retries=FLAGS.retries,
         )
     except (sweep.SweepError, TrainingError, ConversionError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -129,7 +129,7 @@ def _evaluate(config, tasks: dict, cell: Cell, model_path: epath.Path, out: epat
     return {"metrics": metrics, "stderr": stderr, "n": counts}
 
 
-def _new_record(cell: Cell, fingerprint: str, **fields) -> dict[str, Any]:
+def new_record(cell: Cell, fingerprint: str, **fields) -> dict[str, Any]:
     """A cell's ``cell.json``: what the cell is, then ``fields`` (status, timings, metrics or error)."""
     record = {"id": cell.id, "fingerprint": fingerprint, **dataclasses.asdict(cell)}
     return record | fields
@@ -141,7 +141,7 @@ def _run_cell(config, tasks: dict, workdir: epath.Path, cell: Cell, fingerprint:
     cell_dir = cell_path(workdir, cell)
     # Who runs it (a killed Ray worker is found by its pid) and the checkpoint it resumes from.
     steps = [int(p.name) for p in (cell_dir / "train" / "checkpoints").glob("*") if p.name.isdigit()]
-    record = _new_record(
+    record = new_record(
         cell,
         fingerprint,
         status="running",
@@ -247,7 +247,7 @@ def execute(config, tasks: dict, workdir: epath.Path, step: Step, log) -> dict[s
     except _Preempted:
         return {"status": "preempted"}
     except Exception as e:  # noqa: BLE001 - a failed cell is recorded and the sweep goes on
-        record = _new_record(
+        record = new_record(
             cell, fingerprint, status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()
         )
     if jax.process_index() == 0:

@@ -204,3 +204,56 @@ def estimate(config, workdir: epath.Path, step: Step) -> dict[str, Any]:
         steps = train.total_steps if train.total_steps > 0 else -(-tokens // (train.batch_size * train.seq_len))
     flops = None if params is None else 6 * params * tokens
     return {"steps": steps, "seq_len": seq_len, "tokens": tokens, "params": params, "flops": flops}
+
+
+def measured_throughput(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Training FLOP/s (6 · parameters · tokens over training seconds) and mean evaluation seconds of finished cells."""
+    done = [r for r in records if r.get("status") == "done"]
+    trained = [r for r in done if r.get("train") and r.get("params") and r["train"].get("seconds")]
+    flops = sum(6 * r["params"] * r["tokens"] for r in trained)
+    seconds = sum(r["train"]["seconds"] for r in trained)
+    evals = [r["eval_seconds"] for r in done if r.get("eval_seconds")]
+    return (flops / seconds if seconds else None), (sum(evals) / len(evals) if evals else None)
+
+
+def plan_table(config, workdir: epath.Path, steps: list[Step], flops_per_second: float | None, eval_s: float | None):
+    """The plan as a Markdown table: each step's needs, size, FLOPs and estimated time; the totals."""
+
+    def human(n: float | None, unit: str = "") -> str:
+        if n is None:
+            return "?"
+        for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+            if abs(n) >= scale:
+                return f"{n / scale:.3g}{suffix}{unit}"
+        return f"{n:.3g}{unit}"
+
+    lines = [
+        "| step | needs | train steps | seq len | tokens | params | FLOPs (6·N·D) | est. time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    total_flops, total_s = 0.0, 0.0
+    for step in steps:
+        e = estimate(config, workdir, step)
+        seconds = e["flops"] / flops_per_second if flops_per_second and e["flops"] else None
+        if step.cell is not None and eval_s is not None:
+            seconds = (seconds or 0.0) + eval_s
+        total_flops += e["flops"] or 0
+        total_s += seconds or 0.0
+        lines.append(
+            f"| {step.id} | {', '.join(step.needs) or '-'} | {e['steps']} | {e['seq_len'] or '-'} | "
+            f"{human(e['tokens'])} | {human(e['params'])} | {human(e['flops'])} | "
+            f"{'?' if seconds is None else f'{seconds:.0f} s'} |"
+        )
+    lines.append("")
+    if not flops_per_second:
+        lines.append(
+            f"{len(steps)} steps, {human(total_flops)} training FLOPs. Times need a throughput: "
+            "--throughput=FLOP/s per cell, or finished cells in this workdir (measured from them)."
+        )
+    else:
+        evaluation = f" plus {eval_s:.0f} s of evaluation per cell" if eval_s is not None else ""
+        lines.append(
+            f"{len(steps)} steps, {human(total_flops)} training FLOPs; at {human(flops_per_second, 'FLOP/s')} "
+            f"per cell{evaluation}: ~{total_s / 60:.1f} min one cell at a time (divide by the cells run at once)."
+        )
+    return "\n".join(lines)
