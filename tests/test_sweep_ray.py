@@ -82,7 +82,6 @@ def get_config():
     c.eval.batch_size = 8
     c.eval.tasks.facts = mlc.ConfigDict({{'task': 'multiple_choice', 'scoring': 'cloze',
         'data_file': '{w}/facts_heldout.jsonl', 'limit': 40}})
-    c.eval.tasks.style = mlc.ConfigDict({{'data_file': '{w}/style_heldout.jsonl', 'max_gen_toks': 8, 'limit': 4}})
     return c
 """
     path = root / "sweep_config.py"
@@ -371,3 +370,18 @@ def test_dry_run_prints_the_plan_and_runs_nothing(config_file, tmp_path):
     assert printed == pytest.approx(flops, rel=1e-3)
     assert cell[7] == f"{flops / 1e9:.0f} s"  # at --throughput=1e9 FLOP/s
     assert not workdir.exists()
+
+
+def test_the_workdir_guard_names_the_differing_keys(tmp_path):
+    from imitax import records
+
+    path = tmp_path / "run" / "run_config.json"
+    assert records.check_config_record(path, {"a": 1}) == []  # no record yet: nothing differs
+    records.write_json(path, {"a": 1, "b": {"c": 2}, "steps": 10})
+    assert records.check_config_record(path, {"a": 1, "b": {"c": 2}, "steps": 20}, ignore=("steps",)) == []
+    with pytest.raises(
+        records.ConfigMismatch, match=r"run holds a run with a different config \(differing keys: b, d\)\. Do X"
+    ) as e:
+        records.check_config_record(path, {"a": 1, "b": {"c": 3}, "d": 0, "steps": 10}, fix="Do X")
+    assert e.value.keys == ["b", "d"]
+    assert records.check_config_record(path, {"a": 2, "b": {"c": 2}, "steps": 10}, allow=True) == ["a"]

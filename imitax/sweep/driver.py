@@ -62,8 +62,10 @@ def run(
         raise SweepError(f"--executor={executor}: unknown executor; use local or ray")
     grid = expand(resolved(config, workdir))
     chosen = shard(grid, *parse_shard(cells)) if cells else grid
-    # One lease-holding driver per process; a multi-host job is one driver whose hosts run every step together.
-    leases = lease.Leases(timeout=lease_timeout) if jax.process_count() == 1 else None
+    # One lease-holding driver per process; a multi-host job is one driver whose hosts run every step
+    # together. Object stores (gs://) have no exclusive create: one driver (or one per shard) there.
+    single = jax.process_count() == 1 and "://" not in str(workdir)
+    leases = lease.Leases(timeout=lease_timeout) if single else None
     if cells and leases is not None:
         _refuse_leased(resolved(config, workdir), workdir, chosen, leases, cells)
     with contextlib.ExitStack() as stack:
