@@ -18,7 +18,6 @@ OUT.nq.jsonl (scripts/evaluate.py --nq_file). See docs/collecting.md.
 """
 
 import asyncio
-import contextlib
 import os
 import sys
 
@@ -88,21 +87,6 @@ def _prompts():
     return prompts, {"nq_synthetic": len(prompts)}, seed_pairs
 
 
-@contextlib.contextmanager
-def _endpoint():
-    """The teacher's base URL: as given, or a local model served in-process for the run."""
-    teacher = _TEACHER.value
-    if teacher.startswith(("http://", "https://")):
-        yield teacher
-        return
-    if not os.path.exists(teacher):
-        _fail(f"--teacher={teacher} is neither an http(s):// URL nor an existing model path")
-    from imitax.serve import serving
-
-    with serving(teacher, template=_TEMPLATE.value, max_batch=_MAX_BATCH.value, max_len=_MAX_LEN.value) as url:
-        yield url
-
-
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -122,7 +106,8 @@ def main(argv):
         if not prompts:
             _fail(f"no prompts with a user turn in {','.join(_PROMPTS.value)} ({counts})")
         store.scan(_OUT.value)  # a foreign --out is refused before the teacher is started
-        with _endpoint() as url:
+        serve = {"template": _TEMPLATE.value, "max_batch": _MAX_BATCH.value, "max_len": _MAX_LEN.value}
+        with collect.open_teacher(_TEACHER.value, **serve) as url:
             teacher = collect.Teacher(url, _MODEL.value, api_key, sampling, _MAX_RETRIES.value, _TIMEOUT.value)
             limiter = collect.RateLimiter(_RPM.value, _TPM.value)
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,19 @@ import pytest
 import uvicorn
 from fastapi.responses import JSONResponse, Response
 
-from imitax.collect import RateLimiter, Sampling, Teacher, collect, nq_synthetic, read_prompts, store
+from imitax.collect import (
+    RateLimiter,
+    Sampling,
+    StoreError,
+    Teacher,
+    TeacherError,
+    collect,
+    nq_synthetic,
+    open_teacher,
+    read_prompts,
+    store,
+)
+from imitax.data import DataError
 from tests import train_helpers as th
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -156,9 +169,10 @@ def error_line(done: subprocess.CompletedProcess) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-def run_in_process(url: str, prompts_file, out, **kwargs) -> object:
+def run_in_process(url: str, prompts_file, out, max_retries: int = 3, max_tokens: int = 64, **kwargs) -> object:
     prompts, _ = read_prompts(str(prompts_file))
-    teacher = Teacher(url, None, None, Sampling(max_tokens=64, temperature=0.0, seed=1), max_retries=3, timeout=1.0)
+    sampling = Sampling(max_tokens=max_tokens, temperature=0.0, seed=1)
+    teacher = Teacher(url, None, None, sampling, max_retries=max_retries, timeout=1.0)
 
     async def go():
         await teacher.check()
@@ -236,8 +250,8 @@ def test_faults_are_retried_and_final_failures_recorded(tmp_path):
     # The failed prompt is asked again by a rerun; the collected ones are not.
     before = len(app.state.requests)
     with running(app) as url:
-        again = run_in_process(url, prompts, out, concurrency=8)
-    assert (again.skipped, again.failed, len(app.state.requests) - before) == (5, 1, 4)
+        again = run_in_process(url, prompts, out, max_retries=0, concurrency=8)
+    assert (again.skipped, again.failed, len(app.state.requests) - before) == (5, 1, 1)
 
 
 def test_multi_turn_conversations_are_recollected_in_order(teacher, tmp_path):
@@ -348,13 +362,14 @@ def test_api_key_from_the_environment_only_and_never_written(tmp_path):
     with running(app) as url:
         args = (f"--teacher={url}", f"--prompts={prompts}", f"--out={out}", "--noprogress", "--api_key_env=MY_KEY")
         missing = run_script(*args)
-        refused = run_script(*args, env={"MY_KEY": "wrong"})
         done = run_script(*args, env={"MY_KEY": SECRET})
+        with pytest.raises(TeacherError, match="refused the API key") as refused:
+            asyncio.run(Teacher(url, api_key="wrong", max_retries=0).check())
     assert (
         error_line(missing)
         == "collect.py: error: --api_key_env=MY_KEY but $MY_KEY is not set; export the teacher's key"
     )
-    assert "refused the API key" in error_line(refused) and "wrong" not in refused.stderr
+    assert "wrong" not in str(refused.value)
     assert done.returncode == 0, done.stderr
     written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
     assert SECRET not in written + done.stdout + done.stderr
@@ -368,23 +383,33 @@ def test_bad_input_is_one_line_and_keeps_what_was_collected(teacher, tmp_path):
     assert run_in_process(url, prompts, out).collected == 1
     collected = out.read_bytes()
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"question": "in no format"}])
-    # A port nothing listens on: bind one, note it, close it.
-    import socket
-
-    with socket.socket() as s:
+    with socket.socket() as s:  # a port nothing listens on: bound, noted, closed
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     cases = {
-        "unknown format": ([f"--teacher={url}", f"--prompts={unknown}"], "unknown prompt format"),
+        "unknown format": (
+            [f"--teacher={url}", f"--prompts={unknown}"],
+            "unknown.jsonl, line 1: unknown prompt format",
+        ),
         "unreachable": ([f"--teacher={dead}", f"--prompts={prompts}"], "is unreachable"),
-        "no such model path": (["--teacher=/no/such/model", f"--prompts={prompts}"], "neither an http(s)://"),
-        "bad top_p": ([f"--teacher={url}", f"--prompts={prompts}", "--top_p=0"], "--top_p must be in (0, 1]"),
     }
     for name, (args, expected) in cases.items():
         done = run_script(*args, f"--out={out}", "--noprogress", "--max_retries=0")
         assert expected in error_line(done), (name, done.stderr)
         assert out.read_bytes() == collected, name
-    assert "unknown.jsonl, line 1" in run_script(f"--teacher={url}", f"--prompts={unknown}", f"--out={out}").stderr
+    # What the script turns into one line the same way (a ValueError or TeacherError), checked in-process.
+    with pytest.raises(TeacherError, match="neither an http"), open_teacher("/no/such/model"):
+        pass
+    with pytest.raises(ValueError, match=r"--top_p must be in \(0, 1\]"):
+        Sampling(top_p=0)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "messages": []}])
+    with pytest.raises(DataError, match=r"mixed\.jsonl, line 2: field 'prompt': missing"):
+        read_prompts(str(mixed))
+    with pytest.raises(DataError, match=r"line 2: id 'a' already used at .*line 1"):
+        read_prompts(str(write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "prompt": "x"}] * 2)))
+    out.write_bytes(collected + b"not a record\n")
+    with pytest.raises(StoreError, match=r"out\.jsonl, line 2: not a collected record"):
+        store.Store(out)
 
 
 def test_rate_limiter_spaces_requests_and_tokens():
@@ -408,15 +433,43 @@ def test_rate_limiter_spaces_requests_and_tokens():
     assert asyncio.run(go(0, 100, [50, 1000])) == pytest.approx(30.0)
 
 
-def test_collected_file_trains_with_scripts_train(teacher, tmp_path):
-    _, url = teacher
-    texts = ["What is the capital of France?", "Name a colour.", "Add two and three.", "Say hello."]
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "prompt": t} for i, t in enumerate(texts * 4)][:4])
-    out = tmp_path / "collected.jsonl"
-    assert run_in_process(url, prompts, out).collected == 4
+def test_real_imitax_server_answers_alike_at_any_concurrency_and_the_file_trains(tmp_path, tmp_path_factory):
+    """A local model path as the teacher (served in-process by imitax.serve), greedy, 8 in flight vs 1."""
+    import torch
+    import transformers
+    from hf_models import randomize, tiny_hf_config
+
+    config = tiny_hf_config("llama")
+    config.vocab_size, config.max_position_embeddings = th.MODEL_VOCAB, 256
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-llama"
+    randomize(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)).save_pretrained(model_dir)
+    transformers.AutoTokenizer.from_pretrained(str(th.DATA / "tokenizer")).save_pretrained(model_dir)
+    texts = ["What is the capital of France?", "Name a colour.", "Add two and three.", "Say hello.", "Why?"]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "prompt": t} for i, t in enumerate(texts)])
+    chat = [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "old"}, {"from": "human", "value": "More."}]
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"id": "chat", "conversations": chat}])
+    prompts = f"{prompts},{chats}"
+    with (
+        th.compile_settings(th.session_cache_dir(tmp_path_factory)),
+        open_teacher(str(model_dir), max_batch=8, max_len=128, chunk=64, prefill_rows=1) as url,
+    ):
+        many = run_in_process(url, prompts, tmp_path / "many.jsonl", max_tokens=12, concurrency=8)
+        one = run_in_process(url, prompts, tmp_path / "one.jsonl", max_tokens=12, concurrency=1)
+    assert (many.collected, one.collected, many.failed + one.failed) == (6, 6, 0)
+    collected = {r["id"]: stable(r) for r in store.read(tmp_path / "many.jsonl")}
+    assert collected == {r["id"]: stable(r) for r in store.read(tmp_path / "one.jsonl")}
+    assert {r["teacher"]["model"] for r in collected.values()} == {"tiny-llama"}
+    assert all(
+        0 < r["teacher"]["usage"]["completion_tokens"] <= 12 * len(r["teacher"]["finish_reasons"])
+        for r in collected.values()
+    )
+    assert [t["from"] for t in collected["chat"]["conversations"]] == ["human", "gpt", "human", "gpt"]
+
     tok = th.make_tokenizer(tmp_path / "tok")
-    overrides = th.base_overrides(tok) | {"data.train": str(out), "total_steps": 2, "batch_size": 2,
+    overrides = th.base_overrides(tok) | {"data.train": str(tmp_path / "many.jsonl"), "total_steps": 2, "batch_size": 2,
                                           "checkpoint_every": 2, "seq_len": 32}  # fmt: skip
-    done = th.run_script(th.script_args(overrides, tmp_path / "run"), env=th.script_env(tmp_path / "cache", 1))
+    cache = th.session_cache_dir(tmp_path_factory)
+    done = th.run_script(th.script_args(overrides, tmp_path / "run"), env=th.script_env(cache, 1))
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(th.losses(tmp_path / "run")) == [1, 2]

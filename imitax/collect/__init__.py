@@ -11,7 +11,7 @@ Decontamination against the benchmarks is :mod:`imitax.data.decontaminate`. ``sc
 is the command line.
 """
 
-from imitax.collect.client import Outcome, RateLimiter, Sampling, Teacher, TeacherError, collect
+from imitax.collect.client import Outcome, RateLimiter, Sampling, Teacher, TeacherError, collect, open_teacher
 from imitax.collect.prompts import Prompt, read_prompts
 from imitax.collect.store import Store, StoreError
 
@@ -25,5 +25,6 @@ __all__ = [
     "Teacher",
     "TeacherError",
     "collect",
+    "open_teacher",
     "read_prompts",
 ]

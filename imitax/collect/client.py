@@ -9,10 +9,11 @@ appended to the failures file (``{"id", "error", "status", "at"}``) and asked fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import openai
@@ -97,6 +98,27 @@ def describe(error: BaseException) -> tuple[str, int | None]:
     if isinstance(error, openai.APIStatusError):
         return f"HTTP {error.status_code}: {error.message}".splitlines()[0], error.status_code
     return f"{type(error).__name__}: {error}".splitlines()[0], None
+
+
+@contextlib.contextmanager
+def open_teacher(teacher: str, **serve_kwargs) -> Iterator[str]:
+    """The base URL of ``teacher``: a ``http(s)://`` URL as given, or a local model served in-process.
+
+    ``serve_kwargs`` go to :func:`imitax.serve.serving` (``template``, ``max_batch``, ``max_len``)
+    when ``teacher`` is a model path (anything ``scripts/evaluate.py`` accepts).
+
+    Raises:
+      TeacherError: ``teacher`` is neither a URL nor an existing path.
+    """
+    if teacher.startswith(("http://", "https://")):
+        yield teacher
+        return
+    if not os.path.exists(teacher):
+        raise TeacherError(f"--teacher={teacher} is neither an http(s):// URL nor an existing model path")
+    from imitax.serve import serving  # imports JAX: only for a local teacher
+
+    with serving(teacher, **serve_kwargs) as url:
+        yield url
 
 
 class Teacher:

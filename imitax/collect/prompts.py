@@ -72,9 +72,11 @@ def detect(record: Any, where: str) -> str:
 def _user_turns(record: dict, fmt: str) -> tuple[tuple[str, ...], str | None]:
     """``(user turns, system)`` of a record, through the trainer's own parsers."""
     if fmt == "prompt":
-        prompt, system = record["prompt"], record.get("system")
-        if not isinstance(prompt, str) or not (system is None or isinstance(system, str)):
-            raise formats._Invalid("prompt", "prompt (and system, if given) must be strings")
+        prompt, system = record.get("prompt"), record.get("system")
+        if not isinstance(prompt, str):
+            raise formats._Invalid("prompt", "missing" if prompt is None else "expected a string")
+        if not (system is None or isinstance(system, str)):
+            raise formats._Invalid("system", "expected a string")
         return (prompt,), system
     if fmt == "alpaca":  # The trainer's parser needs an output; a prompt file need not have one.
         record = {**record, "output": record.get("output") or ""}
