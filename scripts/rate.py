@@ -25,7 +25,17 @@ from imitax import cli, records
 _DB = flags.DEFINE_string("db", "sqlite:///ratings.db", "SQLAlchemy URL: sqlite:///FILE or postgresql://...")
 _STUDY = flags.DEFINE_string("study", None, "Study name (create, export).")
 _PROMPTS = flags.DEFINE_string("prompts", None, 'Prompts, JSONL {"id", "prompt"} (create).')
-_SYSTEM = flags.DEFINE_multi_string("system", [], 'NAME=FILE: a system\'s answers, JSONL {"id", "response"}.')
+_SYSTEM = flags.DEFINE_multi_string(
+    "system",
+    [],
+    'NAME=SOURCE: a system and its answers: a JSONL file {"id", "response"}, or an OpenAI-compatible URL or an '
+    "imitax/Hugging Face model path to generate them from.",
+)
+_SERVED_MODEL = flags.DEFINE_multi_string(
+    "served_model", [], "NAME=MODEL: the model to ask at a URL system's endpoint (default: its only model)."
+)
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "Longest generated answer, in tokens (URL or model systems).")
+_CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Requests in flight when generating answers.")
 _PAIRS = flags.DEFINE_string("pairs", "", "Pairs to compare, A:B,... (default: every pair of systems).")
 _PER_ITEM = flags.DEFINE_integer("per_item", 3, "Raters who judge each item.")
 _RATERS = flags.DEFINE_integer("raters", 10, "Rater links to create.")
@@ -53,38 +63,54 @@ def _require(*flag_holders) -> None:
 
 
 def study_spec():
-    """The study the flags describe, every file read and checked."""
+    """The study the flags describe, every file read and checked, answers generated where asked."""
     from imitax.rate import store
 
     _require(_STUDY, _PROMPTS)
     prompts = store.read_prompts(_PROMPTS.value)
-    answers, sources = {}, {}
+    sources = {}
     for entry in _SYSTEM.value:
         name, sep, source = entry.partition("=")
         if not sep or not name.strip() or not source.strip():
-            raise store.StudyError(f"--system={entry}: expected NAME=ANSWERS_FILE")
-        if name in answers:
+            raise store.StudyError(f"--system={entry}: expected NAME=ANSWERS_FILE (or NAME=URL, NAME=MODEL_PATH)")
+        if name in sources:
             raise store.StudyError(f"--system: {name!r} is named twice")
-        answers[name], sources[name] = store.read_answers(source), source
-    attention = store.read_attention_checks(_ATTENTION.value) if _ATTENTION.value else []
-    return store.StudySpec(
+        sources[name] = source
+    served = dict(entry.partition("=")[::2] for entry in _SERVED_MODEL.value)
+    unknown = [name for name in served if name not in sources]
+    if unknown:
+        raise store.StudyError(f"--served_model: {', '.join(unknown)} is not a --system")
+    # Files first; a URL or model system stands in with empty answers until every other check passed.
+    generated = [name for name, source in sources.items() if store.is_model_source(source)]
+    answers = {
+        name: {key: "" for key in prompts} if name in generated else store.read_answers(source)
+        for name, source in sources.items()
+    }
+    spec = store.StudySpec(
         name=_STUDY.value,
         prompts=prompts,
         answers=answers,
         sources=sources,
-        pairs=store.parse_pairs(_PAIRS.value, list(answers)),
+        pairs=store.parse_pairs(_PAIRS.value, list(sources)),
         per_item=_PER_ITEM.value,
         raters=_RATERS.value,
-        attention_checks=attention,
+        attention_checks=store.read_attention_checks(_ATTENTION.value) if _ATTENTION.value else [],
         seed=_SEED.value,
     )
+    store.check(spec)
+    if generated:
+        from imitax.rate import generate  # the openai client (and, for a model path, JAX): only when asked
+    for name in generated:
+        answers[name] = generate.generate_answers(
+            name, sources[name], prompts, served.get(name), _MAX_TOKENS.value, _CONCURRENCY.value
+        )
+    return spec
 
 
 def create() -> None:
     from imitax.rate import models, store
 
-    spec = study_spec()
-    store.check(spec)  # before the database is opened (and, for SQLite, created)
+    spec = study_spec()  # checked before the database is opened (and, for SQLite, created)
     tokens = store.create_study(models.open_database(_DB.value), spec)
     base = _BASE_URL.value.rstrip("/")
     print(f"study {spec.name}: {len(spec.prompts)} prompts x {len(spec.pairs)} pair(s), {spec.per_item} per item")

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from imitax.rate import local_postgres, results, store
 from imitax.rate.app import MAX_BODY, create_app, render_markdown
-from imitax.rate.models import Assignment, Item, Judgment, open_database
+from imitax.rate.models import Answer, Assignment, Item, Judgment, Prompt, System, open_database
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEMS = ("alpha", "beta")
@@ -46,12 +47,12 @@ def _spec(name: str, prompts: int, raters: int, per_item: int = 3, attention: in
 
 
 @contextlib.contextmanager
-def serving(engine):
-    """The app on a real HTTP server (uvicorn, in a thread) at a free port; yields its base URL."""
+def serving(app):
+    """An ASGI app on a real HTTP server (uvicorn, in a thread) at a free port; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -124,7 +125,7 @@ def test_twenty_raters_in_parallel_give_exactly_three_judgments_per_item(engine)
                 mine[item["item_id"]] = choice
             assert response.status_code == 204
 
-    with serving(engine) as base:
+    with serving(create_app(engine)) as base:
         threads = [threading.Thread(target=rater, args=(label, token, base)) for label, token in tokens.raters]
         for thread in threads:
             thread.start()
@@ -343,3 +344,53 @@ def test_results_match_hand_computed_rates_intervals_and_agreement():
     # With r3: item 2 is (1/3, 1/3, 1/3), item 4 still (0, 0, 1).
     assert kept["excluded_raters"] == [] and kept["pairs"][0]["win"] == pytest.approx((1 + 1 / 3) / 4)
     assert results.summarize(_rows(judged, {"r3": "b"}), max_missed=1)["excluded_raters"] == []
+
+
+def _fake_openai_app():
+    """An OpenAI-compatible endpoint serving one model that answers "generated: PROMPT"."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "me"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict):
+        answer = f"generated: {body['messages'][-1]['content']} ({body['max_tokens']} tokens at most)"
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [choice]}
+
+    return app
+
+
+def test_create_generates_a_systems_answers_from_an_openai_compatible_url(tmp_path):
+    prompts = {f"p{i}": f"Question {i}?" for i in range(4)}
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": k, "prompt": p}) + "\n" for k, p in prompts.items())
+    )
+    (tmp_path / "file.jsonl").write_text(
+        "".join(json.dumps({"id": k, "response": "from a file"}) + "\n" for k in prompts)
+    )
+    with serving(_fake_openai_app()) as base:
+        common = ["--study=g", f"--prompts={tmp_path}/prompts.jsonl", f"--system=file={tmp_path}/file.jsonl"]
+        wrong = _run_create(tmp_path, *common, f"--system=url={base}/v1", "--served_model=url=other-model")
+        created = _run_create(tmp_path, *common, f"--system=url={base}/v1", "--raters=3", "--max_tokens=7")
+        wrong_out, wrong_err = wrong.communicate(timeout=60)
+        out, err = created.communicate(timeout=60)
+    # The error is the last line (the openai client's httpx logs each request at INFO before it).
+    assert wrong.returncode == 1 and "Traceback" not in wrong_err and wrong_out == ""
+    assert re.fullmatch(
+        r"rate.py: error: --system=url=\S+: .*does not serve model 'other-model'.*", wrong_err.strip().splitlines()[-1]
+    )
+    assert created.returncode == 0, err
+    assert len(re.findall(r"^rater r00\d: http://\S+/r/\S+$", out, re.M)) == 3
+    engine = open_database(f"sqlite:///{tmp_path}/r.db")
+    with Session(engine) as session:
+        rows = session.execute(
+            select(Prompt.key, System.name, Answer.text).join(Answer.prompt).join(Answer.system).order_by(Prompt.key)
+        ).all()
+    engine.dispose()
+    expected = [(k, "url", f"generated: {p} (7 tokens at most)") for k, p in prompts.items()]
+    assert sorted(r for r in rows if r[1] == "url") == expected

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import secrets
 from collections.abc import Sequence
@@ -99,6 +100,11 @@ def read_prompts(path: str) -> dict[str, str]:
 def read_answers(path: str) -> dict[str, str]:
     """A system's answers, JSONL ``{"id", "response"}``, as ``{id: response}``."""
     return by_id(path, read_jsonl(path, ("id", "response")), "response")
+
+
+def is_model_source(source: str) -> bool:
+    """Whether a system's source is something to generate answers from (a URL or a model directory)."""
+    return source.startswith(("http://", "https://")) or os.path.isdir(source)
 
 
 def read_attention_checks(path: str) -> list[tuple[str, str, str]]:
