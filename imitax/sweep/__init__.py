@@ -11,17 +11,22 @@ config that trains it from scratch first (``pretrain``).
 
 The package's parts, one job each: :mod:`~imitax.sweep.config` (the fields and their defaults),
 :mod:`~imitax.sweep.plan` (the grid's cells, each one's trainer config and fingerprinted
-settings), :mod:`~imitax.sweep.checks` (the whole grid checked before anything runs, through
-each layer's own check), :mod:`~imitax.sweep.local` (running the cells in this process) and
+settings, the plan as a graph of steps, shards, size estimates), :mod:`~imitax.sweep.checks`
+(the whole grid checked before anything runs, through each layer's own check),
+:mod:`~imitax.sweep.driver` (:func:`run`: checks, plans, schedules the steps, reports),
+:mod:`~imitax.sweep.lease` (one driver per cell), the executors :mod:`~imitax.sweep.local`
+(the steps in this process) and :mod:`~imitax.sweep.ray_executor` (each step a Ray task), and
 :mod:`~imitax.sweep.report` (the table, provenance and :mod:`~imitax.sweep.plots`).
+``docs/launch.md`` has the recipes for Ray clusters and SLURM arrays.
 
 The sweep workdir::
 
     sweep_config.json          the config this workdir belongs to (a different one is refused)
     world/                     the demo's generated data (when the config has a ``world``)
     base/<model>/              a pretrained base model's training workdir
-    cells/<cell id>/           cell.json (status, metrics, timings, error), train/ (trainer
-                               workdir), eval/<task>/ (results.json, samples_<task>.jsonl)
+    cells/<cell id>/           cell.json (status, metrics, timings, error, worker), train/ (trainer
+                               workdir), eval/<task>/ (results.json, samples_<task>.jsonl),
+                               lease.json (while a driver runs it)
     results/                   results.csv, results.md, provenance.json, plots/*.png + *.csv
     jax_cache/                 the persistent compilation cache shared by every cell
 
