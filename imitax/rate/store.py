@@ -24,7 +24,7 @@ import secrets
 from collections.abc import Sequence
 
 from sqlalchemy import Engine, and_, exists, func, select
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session, aliased, joinedload
 
 from imitax.rate.models import Answer, Assignment, Item, Judgment, Prompt, Rater, Study, System, utcnow
 
@@ -278,12 +278,11 @@ class Served:
     b: str
     done: int
     total: int
-    choice: str | None = None  # the rater's own judgment, when they already made one
 
 
 def rater_for(session: Session, token: str, lock: bool = False) -> Rater:
     """The rater holding ``token`` (its row locked when ``lock``), else Unauthorized."""
-    query = select(Rater).where(Rater.token_hash == hash_token(token))
+    query = select(Rater).where(Rater.token_hash == hash_token(token)).options(joinedload(Rater.study))
     rater = session.scalars(query.with_for_update() if lock else query).first()
     if rater is None:
         raise Unauthorized
@@ -297,14 +296,21 @@ def study_for_admin(session: Session, token: str) -> Study:
     return study
 
 
-def _judged(rater_id: int, regular: bool):
-    """A query counting the rater's judgments of regular (or attention-check) items."""
-    kind = Assignment.slot.is_not(None) if regular else Assignment.slot.is_(None)
-    return (
-        select(func.count(Judgment.id))
-        .join(Assignment, Judgment.assignment_id == Assignment.id)
-        .where(Assignment.rater_id == rater_id, kind)
+def _tally(session: Session, rater_id: int) -> tuple[int, int, int]:
+    """(regular items judged, attention checks judged, attention checks given) of a rater, in one query."""
+    attention = Assignment.slot.is_(None)
+    judged = Judgment.id.is_not(None)
+    query = (
+        select(
+            func.count(Judgment.id).filter(~attention),
+            func.count(Judgment.id).filter(attention & judged),
+            func.count(Assignment.id).filter(attention),
+        )
+        .select_from(Assignment)
+        .outerjoin(Judgment, Judgment.assignment_id == Assignment.id)
+        .where(Assignment.rater_id == rater_id)
     )
+    return tuple(session.execute(query).one())
 
 
 def _open(rater_id: int):
@@ -347,7 +353,7 @@ def _claim(session: Session, rater: Rater, study: Study) -> Assignment | None:
 
 def _next_assignment(session: Session, rater: Rater) -> Assignment | None:
     """What the rater works on next: the item left open, a due attention check, or a new item."""
-    regular_done = session.scalar(_judged(rater.id, regular=True))
+    regular_done = _tally(session, rater.id)[0]
     open_ = session.scalars(_open(rater.id)).all()
     for assignment in open_:  # resume (a reload, a lost connection)
         if assignment.slot is not None:
@@ -364,18 +370,22 @@ def _next_assignment(session: Session, rater: Rater) -> Assignment | None:
 
 def _served(session: Session, rater: Rater, assignment: Assignment) -> Served:
     done, total = progress(session, rater)
-    item = assignment.item
-    choice = assignment.judgment.choice if assignment.judgment else None
-    return Served(item.id, item.prompt.text, item.answer_a.text, item.answer_b.text, done, total, choice)
+    a, b = aliased(Answer), aliased(Answer)
+    prompt, a_text, b_text = session.execute(
+        select(Prompt.text, a.text, b.text)
+        .select_from(Item)
+        .join(Prompt, Item.prompt_id == Prompt.id)
+        .join(a, Item.answer_a_id == a.id)
+        .join(b, Item.answer_b_id == b.id)
+        .where(Item.id == assignment.item_id)
+    ).one()
+    return Served(assignment.item_id, prompt, a_text, b_text, done, total)
 
 
 def progress(session: Session, rater: Rater) -> tuple[int, int]:
     """(judgments made, judgments this rater is asked for at most)."""
-    done = session.scalar(_judged(rater.id, regular=True)) + session.scalar(_judged(rater.id, regular=False))
-    attention = session.scalar(
-        select(func.count(Assignment.id)).where(Assignment.rater_id == rater.id, Assignment.slot.is_(None))
-    )
-    return done, rater.study.quota + attention
+    regular, attention_done, attention = _tally(session, rater.id)
+    return regular + attention_done, rater.study.quota + attention
 
 
 def next_item(engine: Engine, token: str) -> Served | None:
@@ -398,7 +408,9 @@ def rate(engine: Engine, token: str, item_id: int, choice: str, reason: str = ""
     with Session(engine) as session, session.begin():
         rater = rater_for(session, token, lock=True)
         assignment = session.scalars(
-            select(Assignment).where(Assignment.rater_id == rater.id, Assignment.item_id == item_id)
+            select(Assignment)
+            .where(Assignment.rater_id == rater.id, Assignment.item_id == item_id)
+            .options(joinedload(Assignment.judgment))
         ).first()
         if assignment is None:
             raise Forbidden
