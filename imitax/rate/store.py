@@ -282,8 +282,8 @@ class Served:
 
 def rater_for(session: Session, token: str, lock: bool = False) -> Rater:
     """The rater holding ``token`` (its row locked when ``lock``), else Unauthorized."""
-    query = select(Rater).where(Rater.token_hash == hash_token(token)).options(joinedload(Rater.study))
-    rater = session.scalars(query.with_for_update() if lock else query).first()
+    query = select(Rater).where(Rater.token_hash == hash_token(token)).options(joinedload(Rater.study, innerjoin=True))
+    rater = session.scalars(query.with_for_update(of=Rater) if lock else query).first()
     if rater is None:
         raise Unauthorized
     return rater
