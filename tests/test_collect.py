@@ -209,6 +209,7 @@ def test_sigkill_then_rerun_collects_every_prompt_once_as_an_uninterrupted_run(t
     resumed = store.read(out)
     assert sorted(r["id"] for r in resumed) == sorted(f"p{i}" for i in range(60))  # each exactly once
     assert out.read_text().startswith(partial)  # nothing collected before the kill was rewritten
+    assert not (tmp_path / "out.failures.jsonl").exists()  # no failures: no (stale) failures file
 
     reference = tmp_path / "reference.jsonl"
     outcome = run_in_process(url, prompts, reference, concurrency=8)

@@ -231,7 +231,7 @@ async def collect(
     """Asks ``teacher`` for every prompt not yet in ``out``, ``concurrency`` at a time; appends as they finish.
 
     ``failures`` is rewritten for this run: it lists the prompts that still failed after the
-    client's retries (the ones a rerun asks for again).
+    client's retries (the ones a rerun asks for again), and is removed when none did.
     """
     from tqdm.auto import tqdm
 
@@ -268,4 +268,6 @@ async def collect(
             bar.close()
             await teacher.close()
     outcome.seconds = time.monotonic() - start
+    if not outcome.failed:
+        os.remove(failures)  # no stale list of an earlier run's failures
     return outcome

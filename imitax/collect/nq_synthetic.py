@@ -34,7 +34,7 @@ PROMPT = (
     "Write nothing else."
 )
 MAX_ANSWER_WORDS = 5
-_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*)?(?:\*\*)?(Q|A)(?:\*\*)?\s*[:.]\s*(?:\*\*)?\s*(.*?)\s*(?:\*\*)?\s*$")
+_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*)?(?:\*\*)?(Q|A)(?:\*\*)?\s*:\s*(?:\*\*)?\s*(.*?)\s*(?:\*\*)?\s*$")
 
 
 def build_prompts(seed_pairs: Sequence[dict[str, Any]], n: int, examples: int = 5, pairs: int = 10, seed: int = 0):
