@@ -63,7 +63,7 @@ class _Dropped(Response):
 
 def fake_teacher_app(delay: float = 0.0, key: str | None = None):
     app = fastapi.FastAPI()
-    app.state.requests = []
+    app.state.requests, app.state.in_flight, app.state.most_in_flight = [], 0, 0
     attempts = collections.Counter()
 
     def refused(request: fastapi.Request):
@@ -81,6 +81,14 @@ def fake_teacher_app(delay: float = 0.0, key: str | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat(request: fastapi.Request):
+        app.state.in_flight += 1
+        app.state.most_in_flight = max(app.state.most_in_flight, app.state.in_flight)
+        try:
+            return await answer(request)
+        finally:
+            app.state.in_flight -= 1
+
+    async def answer(request: fastapi.Request):
         if bad := refused(request):
             return bad
         body = await request.json()
@@ -182,7 +190,7 @@ def run_in_process(url: str, prompts_file, out, max_retries: int = 3, max_tokens
 
 
 def test_sigkill_then_rerun_collects_every_prompt_once_as_an_uninterrupted_run(teacher, tmp_path):
-    _, url = teacher
+    app, url = teacher
     prompts = write_jsonl(
         tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": f"question number {i} please"} for i in range(60)]
     )
@@ -212,8 +220,10 @@ def test_sigkill_then_rerun_collects_every_prompt_once_as_an_uninterrupted_run(t
     assert not (tmp_path / "out.failures.jsonl").exists()  # no failures: no (stale) failures file
 
     reference = tmp_path / "reference.jsonl"
+    app.state.most_in_flight = 0
     outcome = run_in_process(url, prompts, reference, concurrency=8)
     assert outcome.collected == 60 and outcome.failed == 0
+    assert app.state.most_in_flight == 8  # bounded, and the bound is used
     by_id = {r["id"]: stable(r) for r in store.read(reference)}
     assert {r["id"]: stable(r) for r in resumed} == by_id
     record = by_id["p7"]
