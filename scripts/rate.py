@@ -16,11 +16,18 @@ on stderr and exit status 1, with nothing written. See docs/rating.md.
 
 import csv
 import io
+import os
 import sys
 
-from absl import app, flags
+# A model-path system is converted and served by imitax, which needs no torch; transformers imports
+# it whenever it is installed (seconds and hundreds of MB) unless a None entry makes it look absent.
+sys.modules.setdefault("torch", None)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from imitax import cli, records
+from absl import app, flags  # noqa: E402
+
+from imitax import cli, records  # noqa: E402
 
 _DB = flags.DEFINE_string("db", "sqlite:///ratings.db", "SQLAlchemy URL: sqlite:///FILE or postgresql://...")
 _STUDY = flags.DEFINE_string("study", None, "Study name (create, export).")

@@ -394,3 +394,43 @@ def test_create_generates_a_systems_answers_from_an_openai_compatible_url(tmp_pa
     engine.dispose()
     expected = [(k, "url", f"generated: {p} (7 tokens at most)") for k, p in prompts.items()]
     assert sorted(r for r in rows if r[1] == "url") == expected
+
+
+def test_create_generates_a_systems_answers_from_a_local_model_path(tmp_path):
+    """A tiny random model directory as a system: served in-process by imitax.serve, asked greedily."""
+    import torch
+    import train_helpers as th
+    import transformers
+    from hf_models import randomize, tiny_hf_config
+
+    config = tiny_hf_config("llama")
+    config.vocab_size, config.max_position_embeddings = th.MODEL_VOCAB, 256
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-llama"
+    randomize(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)).save_pretrained(model_dir)
+    transformers.AutoTokenizer.from_pretrained(str(th.DATA / "tokenizer")).save_pretrained(model_dir)
+    prompts = {f"q{i}": f"Say thing number {i}." for i in range(3)}
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": k, "prompt": p}) + "\n" for k, p in prompts.items())
+    )
+    (tmp_path / "file.jsonl").write_text(
+        "".join(json.dumps({"id": k, "response": "from a file"}) + "\n" for k in prompts)
+    )
+    env = th.subprocess_env(device_count=1, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    created = subprocess.run(
+        [sys.executable, f"{ROOT}/scripts/rate.py", "create", f"--db=sqlite:///{tmp_path}/r.db", "--study=m",
+         f"--prompts={tmp_path}/prompts.jsonl", f"--system=file={tmp_path}/file.jsonl",
+         f"--system=tiny={model_dir}", "--raters=3", "--max_tokens=6"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    engine = open_database(f"sqlite:///{tmp_path}/r.db")
+    with Session(engine) as session:
+        answers = session.execute(
+            select(Prompt.key, Answer.text).join(Answer.prompt).join(Answer.system).where(System.name == "tiny")
+        ).all()
+        source = session.scalar(select(System.source).where(System.name == "tiny"))
+    engine.dispose()
+    # Every prompt answered by the model (imitax.serve's correctness is tests/test_serve.py's and test_collect.py's).
+    assert sorted(k for k, _ in answers) == sorted(prompts) and source == str(model_dir)
+    assert all(isinstance(text, str) and text != "from a file" for _, text in answers)
