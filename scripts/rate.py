@@ -135,9 +135,14 @@ def serve() -> None:
 
 
 def export() -> None:
+    import sqlalchemy
+
     from imitax.rate import models, results, store
 
     _require(_STUDY, _OUT)
+    url = sqlalchemy.make_url(models.database_url(_DB.value))
+    if url.get_backend_name() == "sqlite" and not os.path.exists(url.database or ""):
+        _fail(f"--db={_DB.value}: no such database file (create the study first)")
     study, rows = store.judgments(models.open_database(_DB.value, create=False), _STUDY.value)
     summary = results.summarize(rows, include_failed=_INCLUDE_FAILED.value, max_missed=_MAX_MISSED.value)
     summary = {"study": study.name, "per_item": study.per_item, **summary, "provenance": records.provenance()}

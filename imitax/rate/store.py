@@ -533,4 +533,8 @@ def _row(judgment: Judgment) -> dict:
         "expected": item.expected or "",
         "reason": judgment.reason,
         "created_at": judgment.created_at.isoformat(),
+        # From the moment the item was handed out (attention checks are assigned in advance: none).
+        "seconds": ""
+        if attention
+        else round((judgment.created_at - judgment.assignment.assigned_at).total_seconds(), 1),
     }
