@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DURATION = flags.DEFINE_float("duration", 60.0, "Seconds of load per database.")
 _RATERS = flags.DEFINE_integer("raters", 200, "Simulated raters, all at once.")
 _PROMPTS = flags.DEFINE_integer("prompts", 12_000, "Prompts of the study (items: one pair per prompt).")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Server processes (serve --workers).")
 _DATABASES = flags.DEFINE_list("databases", ["sqlite", "postgresql"], "Databases to run: sqlite, postgresql.")
 
 
@@ -123,7 +124,15 @@ def run(name: str, url: str) -> dict:
     created = time.perf_counter() - started
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, f"{ROOT}/scripts/rate.py", "serve", f"--db={url}", f"--port={port}"], cwd=ROOT
+        [
+            sys.executable,
+            f"{ROOT}/scripts/rate.py",
+            "serve",
+            f"--db={url}",
+            f"--port={port}",
+            f"--workers={_WORKERS.value}",
+        ],
+        cwd=ROOT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -158,7 +167,8 @@ def main(argv):
     del argv
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     print(f"rate benchmark: {_RATERS.value} raters, {_DURATION.value:g} s per database, "
-          f"{_PROMPTS.value} items x 3 judgments, {os.cpu_count()} CPUs")  # fmt: skip
+          f"{_PROMPTS.value} items x 3 judgments, "
+          f"serve --workers={_WORKERS.value}, {os.cpu_count()} CPUs")  # fmt: skip
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     rows = []
     for name in _DATABASES.value:

@@ -3,7 +3,7 @@ r"""Blinded pairwise rating studies: create one, serve it to raters, export the 
   python scripts/rate.py create --db=sqlite:///ratings.db --study=NAME --prompts=FILE \
       --system=NAME=ANSWERS_FILE --system=NAME=ANSWERS_FILE ... [--pairs=A:B,...] [--per_item=3] \
       [--raters=N] [--attention_checks=FILE] [--base_url=http://127.0.0.1:8080]
-  python scripts/rate.py serve --db=sqlite:///ratings.db [--host=127.0.0.1] [--port=8080]
+  python scripts/rate.py serve --db=sqlite:///ratings.db [--host=127.0.0.1] [--port=8080] [--workers=1]
   python scripts/rate.py export --db=sqlite:///ratings.db --study=NAME --out=DIR
 
 Prompts are JSONL {"id", "prompt"}; a system's answers JSONL {"id", "response"}, matched by id;
@@ -51,6 +51,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the side assignment, item order
 _BASE_URL = flags.DEFINE_string("base_url", "http://127.0.0.1:8080", "Where raters reach `serve`, for the links.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address `serve` listens on.")
 _PORT = flags.DEFINE_integer("port", 8080, "Port `serve` listens on.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Server processes `serve` runs (they share the database).")
 _OUT = flags.DEFINE_string("out", None, "Directory for ratings.csv and summary.json (export).")
 _INCLUDE_FAILED = flags.DEFINE_bool("include_failed", False, "Keep raters who failed attention checks (export).")
 _MAX_MISSED = flags.DEFINE_integer("max_missed", 0, "Attention checks a rater may miss and still count (export).")
@@ -129,9 +130,18 @@ def create() -> None:
 def serve() -> None:
     import uvicorn
 
-    from imitax.rate.app import create_app
+    from imitax.rate import models
 
-    uvicorn.run(create_app(_DB.value), host=_HOST.value, port=_PORT.value, log_level="warning")
+    models.open_database(_DB.value).dispose()  # the tables, made once before any worker starts
+    os.environ["IMITAX_RATE_DB"] = _DB.value  # what each worker process opens
+    uvicorn.run(
+        "imitax.rate.app:from_environment",
+        factory=True,
+        host=_HOST.value,
+        port=_PORT.value,
+        workers=_WORKERS.value,
+        log_level="warning",
+    )
 
 
 def export() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import pathlib
 import secrets
 from typing import Literal
@@ -122,8 +123,13 @@ def _signing_key(engine: Engine) -> bytes:
     return _signing_key(engine)
 
 
-def create_app(db: str | Engine) -> FastAPI:
-    """The web app over database ``db`` (a URL or an engine)."""
+def from_environment():
+    """The app over ``$IMITAX_RATE_DB``, tables already made: what each ``serve --workers`` process builds."""
+    return create_app(open_database(os.environ["IMITAX_RATE_DB"], create=False))
+
+
+def create_app(db: str | Engine):
+    """The web app (an ASGI app) over database ``db``, a URL or an engine."""
     engine = open_database(db) if isinstance(db, str) else db
     key = _signing_key(engine)
     templates = Jinja2Templates(directory=_HERE / "templates")
