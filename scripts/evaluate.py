@@ -70,12 +70,23 @@ _MC_FILE = flags.DEFINE_string("mc_file", None, "Questions for multiple_choice, 
 _MC_FEWSHOT_FILE = flags.DEFINE_string("mc_fewshot_file", None, "Solved examples for multiple_choice.")
 _MC_SCORING = flags.DEFINE_enum("mc_scoring", "letters", ["letters", "cloze"], "How multiple_choice is scored.")
 _PERPLEXITY_FILE = flags.DEFINE_string("perplexity_file", None, "Held-out chat data for the perplexity task.")
-_TEMPLATE = flags.DEFINE_string("template", "koala", "Turn template of the style and perplexity tasks.")
+_TEMPLATE = flags.DEFINE_string("template", "koala", "Turn template of the style, perplexity and pairwise tasks.")
+_PAIRWISE_PROMPTS = flags.DEFINE_string("pairwise_prompts", None, "Held-out prompts for the pairwise judge task.")
+_PAIRWISE_REFERENCE = flags.DEFINE_string(
+    "pairwise_reference", None, "Reference (teacher) answers for pairwise: JSONL {id, response} or collected records."
+)
+_JUDGE = flags.DEFINE_string("judge", None, "pairwise: the judge, an OpenAI-compatible base URL or a model path.")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "pairwise: the judge's model name (default: the one served).")
 
 _FEWSHOT_TASKS = ("mmlu", "nq_open", "multiple_choice")
-_GENERATION_TASKS = ("nq_open", "humaneval", "style")
+_GENERATION_TASKS = ("nq_open", "humaneval", "style", "pairwise")
 # Tasks that cannot run without a file, and the flag that supplies it.
-_REQUIRED_FILES = {"style": "--style_file", "multiple_choice": "--mc_file", "perplexity": "--perplexity_file"}
+_REQUIRED_FILES = {
+    "style": "--style_file",
+    "multiple_choice": "--mc_file",
+    "perplexity": "--perplexity_file",
+    "pairwise": "--pairwise_prompts",
+}
 
 
 def _fail(message: str) -> None:
@@ -117,6 +128,13 @@ def task_configs() -> dict[str, dict]:
             "scoring": _MC_SCORING.value,
         },
         "perplexity": {"data_file": _PERPLEXITY_FILE.value, "template": _TEMPLATE.value},
+        "pairwise": {
+            "data_file": _PAIRWISE_PROMPTS.value,
+            "reference_file": _PAIRWISE_REFERENCE.value,
+            "judge": _JUDGE.value,
+            "judge_model": _JUDGE_MODEL.value,
+            "template": _TEMPLATE.value,
+        },
     }
     configs = {}
     for name in dict.fromkeys(names):  # in order, once each

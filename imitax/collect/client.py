@@ -148,9 +148,7 @@ class Teacher:
         try:
             served = [m.id async for m in self._client.models.list()]
         except openai.APIConnectionError as e:
-            raise TeacherError(
-                f"teacher {self.base_url} is unreachable ({describe(e)[0]}); start it or fix --teacher"
-            ) from None
+            raise TeacherError(f"{self.base_url} is unreachable ({describe(e)[0]}); start it or fix the URL") from None
         except openai.AuthenticationError as e:
             raise TeacherError(
                 f"teacher {self.base_url} refused the API key ({describe(e)[0]}); export it in the variable "

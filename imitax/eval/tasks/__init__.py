@@ -19,4 +19,4 @@ from imitax.eval.tasks.registry import TaskResult, generate_until, get, names, r
 __all__ = ["TaskResult", "generate_until", "get", "names", "register"]
 
 # Importing a task module registers its tasks. The list is explicit on purpose; add new modules here.
-from imitax.eval.tasks import humaneval, mmlu, multiple_choice, nq_open, perplexity, style  # noqa: E402, F401
+from imitax.eval.tasks import humaneval, mmlu, multiple_choice, nq_open, pairwise, perplexity, style  # noqa: E402, F401
