@@ -81,7 +81,6 @@ class Item(Base):
     __tablename__ = "items"
     __table_args__ = (
         CheckConstraint("expected IN ('a', 'b')", name="expected_side"),
-        Index("ix_items_open", "study_id", "assigned", "rank"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
@@ -100,6 +99,11 @@ class Item(Base):
     answer_b: Mapped[Answer] = relationship(foreign_keys=[answer_b_id])
     system_x: Mapped[System | None] = relationship(foreign_keys=[system_x_id])
     system_y: Mapped[System | None] = relationship(foreign_keys=[system_y_id])
+
+
+# In the order store._claim asks for items (started ones first), so the next free item is found
+# by walking the index instead of sorting the study's items on every claim.
+Index("ix_items_open", Item.study_id, Item.assigned.desc(), Item.rank)
 
 
 class Rater(Base):
