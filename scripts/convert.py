@@ -2,6 +2,10 @@ r"""Converts a Hugging Face model directory to an imitax checkpoint, and back.
 
   python scripts/convert.py --hf_dir=DIR --out=CKPT [--dtype=float32|bfloat16] [--overwrite]
   python scripts/convert.py --export --ckpt=CKPT --out=HF_DIR [--max_shard_size=5GB] [--overwrite]
+  python scripts/convert.py --export --peft --ckpt=LORA_WORKDIR --out=ADAPTER_DIR [--overwrite]
+
+``--export`` of a LoRA run (``--config.lora.rank`` > 0) merges its adapters into its base and
+writes a plain model; ``--peft`` writes the adapters alone, as a PEFT adapter directory.
 
 The weights must be safetensors (``model.safetensors`` or a sharded index);
 pickled ``.bin`` files are refused. Nothing is written unless the whole
@@ -49,6 +53,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dt
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists (once the new one is complete).")
 _EXPORT = flags.DEFINE_bool("export", False, "Export the imitax checkpoint --ckpt to a Hugging Face directory.")
 _CKPT = flags.DEFINE_string("ckpt", None, "imitax checkpoint to export (with --export).")
+_PEFT = flags.DEFINE_bool(
+    "peft", False, "With --export: write a LoRA run's adapters as a PEFT adapter directory instead."
+)
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard written by --export.")
 
 
@@ -65,10 +72,15 @@ def main(argv):
     if _EXPORT.value:
         if not _CKPT.value or not _OUT.value or _HF_DIR.value or _DTYPE.value:
             _fail("--export takes --ckpt=CKPT --out=HF_DIR [--max_shard_size=5GB] [--overwrite]; see --help", 2)
-    elif not _HF_DIR.value or not _OUT.value or _CKPT.value:
+    elif not _HF_DIR.value or not _OUT.value or _CKPT.value or _PEFT.value:
         _fail("use --hf_dir=DIR --out=CKPT [--dtype=...], or --export --ckpt=CKPT --out=HF_DIR; see --help", 2)
     try:
-        if _EXPORT.value:
+        if _PEFT.value:
+            from imitax.convert import peft
+
+            out = peft.export_peft(_CKPT.value, _OUT.value, overwrite=_OVERWRITE.value)
+            print(f"wrote PEFT adapter directory {out}")
+        elif _EXPORT.value:
             out = convert.export_hf(
                 _CKPT.value, _OUT.value, max_shard_size=_MAX_SHARD_SIZE.value, overwrite=_OVERWRITE.value
             )

@@ -8,8 +8,10 @@
 
 from imitax.convert.checkpoint import (
     TOKENIZER_FILES,
+    load_adapted,
     load_checkpoint,
     load_config,
+    lora_info,
     resolve,
     save_checkpoint,
     tokenizer_dir,
@@ -25,9 +27,11 @@ __all__ = [
     "SafetensorsReader",
     "convert_hf_to_checkpoint",
     "export_hf",
+    "load_adapted",
     "load_checkpoint",
     "load_config",
     "load_hf",
+    "lora_info",
     "model_config",
     "model_kind",
     "params_from_hf",

@@ -236,10 +236,61 @@ def load_config(path: epath.PathLike) -> TransformerConfig:
     return models.config_from_dict(restored["model_config"])
 
 
+def lora_info(path: epath.PathLike) -> dict | None:
+    """A LoRA run's ``lora`` item (adapter settings, the base's path and fingerprint), or None."""
+    path = resolve(path)
+    if not (path / "lora").is_dir():
+        return None
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("lora", ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+    return checkpointer.restore(path, args=ocp.args.Composite(lora=ocp.args.JsonRestore()))["lora"]
+
+
+def load_adapted(path: epath.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> models.Transformer:
+    """A LoRA run's checkpoint as its base model (in its training dtype) with the adapters on, not merged.
+
+    The base is read from the path the checkpoint names and must have the fingerprint it recorded.
+
+    Raises:
+      ConversionError: ``path`` holds no adapters, or the base changed since the run.
+    """
+    from imitax.convert import paths  # paths imports this module
+    from imitax.convert.hf import load_hf
+    from imitax.models import lora
+
+    path = resolve(path)
+    info = lora_info(path)
+    if info is None:
+        raise ConversionError(f"{path} holds no LoRA adapters (no lora/ item): it is a plain checkpoint")
+    base_path = epath.Path(info["base"])
+    kind = paths.require_model_kind(base_path, where=f"the LoRA base of {path}")
+    load = load_hf if kind == "hf" else load_checkpoint
+    model = load(base_path, mesh=mesh, dtype=info["base_dtype"])
+    found = lora.fingerprint(nnx.state(model, nnx.Param).to_pure_dict())
+    if found != info["base_fingerprint"]:
+        raise ConversionError(
+            f"{path}: its LoRA base {base_path} changed since training (fingerprint {found}, the run recorded "
+            f"{info['base_fingerprint']}); restore that base model"
+        )
+    cfg = lora.LoRAConfig(rank=info["rank"], alpha=info["alpha"], dropout=info["dropout"], targets=info["targets"])
+    lora.add_adapters(model, cfg, mesh=mesh)
+    targets = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        nnx.state(model, nnx.LoRAParam).to_pure_dict(),
+    )
+    restored = _checkpointer().restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(targets)))
+    nnx.update(model, restored["params"])
+    return model
+
+
 def load_checkpoint(
     path: epath.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None
 ) -> models.Transformer:
     """Restores a checkpoint's model, each array directly into its shards on ``mesh``.
+
+    A LoRA run's checkpoint (a ``lora/`` item) is its base with the adapters merged in
+    (:func:`load_adapted`, then :func:`imitax.models.lora.merge_adapters`): a plain model.
 
     Args:
       path: a directory written by :func:`save_checkpoint`, a training step
@@ -249,6 +300,14 @@ def load_checkpoint(
         ``None`` keeps the stored ``param_dtype``.
     """
     path = resolve(path)
+    if (path / "lora").is_dir():
+        from imitax.models import lora
+
+        model = lora.merge_adapters(load_adapted(path, mesh=mesh))
+        if dtype is not None:
+            model.cfg = model.cfg.replace(param_dtype=dtype)
+            nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param)))
+        return model
     cfg = load_config(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)

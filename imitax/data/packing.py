@@ -132,10 +132,13 @@ class PackedBatches:
         if self.batch_size % process_count or not 0 <= process_index < process_count:
             raise ValueError(f"bad process {process_index} of {process_count} for batch size {self.batch_size}")
         local = self.batch_size // process_count
-        rows = self.rows_at(step)[process_index * local : (process_index + 1) * local]
+        return self.rows_batch(self.rows_at(step)[process_index * local : (process_index + 1) * local])
+
+    def rows_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch of rows ``rows`` (-1: an empty row), in that order."""
         names = ("inputs", "targets", "segment_ids", "positions")
-        batch = {k: np.zeros((local, self.seq_len), np.int32) for k in names}
-        batch["loss_mask"] = np.zeros((local, self.seq_len), np.float32)
+        batch = {k: np.zeros((len(rows), self.seq_len), np.int32) for k in names}
+        batch["loss_mask"] = np.zeros((len(rows), self.seq_len), np.float32)
         fill = self._fill_packed if self.packing == "pack" else self._fill_concat
         for j, r in enumerate(rows):
             if r >= 0:

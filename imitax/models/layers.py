@@ -48,11 +48,23 @@ class Proj(nnx.Module):
     ):
         self.kernel = _param(rngs, tuple(shape), axes, param_dtype)
         self.bias = _param(rngs, tuple(shape[-out_ndim:]), axes[-out_ndim:], param_dtype, "zeros") if bias else None
+        # Low-rank adapters, added by imitax.models.lora.add_adapters (None: a plain projection).
+        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)
+        self.lora_scale = self.lora_dropout = 0.0
 
-    def __call__(self, eq: str, x: jax.Array) -> jax.Array:
+    def __call__(self, eq: str, x: jax.Array, lora_rng_b: jax.Array | None = None) -> jax.Array:
+        """``eq`` contracts ``x``'s trailing input dims with the kernel's leading ones (as every caller does).
+
+        ``lora_rng_b``: one key per row for the adapters' input dropout (``None``: no dropout).
+        """
         y = jnp.einsum(eq, x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
+        if self.lora_a is not None:
+            # LoRA (Hu et al., 2021): y += scale * dropout(x) A B, A [*in, r], B [r, *out].
+            x_in = dropout(x, self.lora_dropout, lora_rng_b)
+            low = jnp.tensordot(x_in, self.lora_a[...].astype(x.dtype), axes=self.lora_a.ndim - 1)
+            y = y + jnp.tensordot(low, self.lora_b[...].astype(x.dtype), axes=1) * jnp.asarray(self.lora_scale, x.dtype)
         return y
 
 
@@ -106,8 +118,8 @@ def fold_in(rng_b: jax.Array | None, data: int | jax.Array) -> jax.Array | None:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng_b, data)
 
 
-# Sub-keys of one layer's row keys, one per dropout site.
-ATTN_PROBS, ATTN_OUT, MLP_OUT = 0, 1, 2
+# Sub-keys of one layer's row keys, one per dropout site (LoRA's: of the attention and the MLP adapters).
+ATTN_PROBS, ATTN_OUT, MLP_OUT, LORA_ATTN, LORA_MLP = 0, 1, 2, 3, 4
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
@@ -223,6 +235,7 @@ class Attention(nnx.Module):
         rng_b=None,
         segment_ids_bt=None,
         window=None,
+        lora_rng_b=None,
     ):
         """Attends ``x`` to itself (and to the cached keys when ``kv_cache`` is given).
 
@@ -246,13 +259,18 @@ class Attention(nnx.Module):
           segment_ids_bt, window: the tokens' segment ids (0 = padding) and this
             layer's window (a traced int; the transformer passes 2**30 for none): what the
             splash kernel needs instead of ``mask_bts`` (which already has both).
+          lora_rng_b: row keys for the projections' LoRA dropout (``None``: none).
 
         Returns:
           ``(out_bte, new_kv_cache)``.
         """
-        q_bthd = constrain(self.q_proj("bte,ehd->bthd", x_bte), ("act_batch", "act_len", "act_heads", None))
-        k_btkd = constrain(self.k_proj("bte,ekd->btkd", x_bte), ("act_batch", "act_len", "act_kv_heads", None))
-        v_btkd = constrain(self.v_proj("bte,ekd->btkd", x_bte), ("act_batch", "act_len", "act_kv_heads", None))
+        q_bthd = self.q_proj("bte,ehd->bthd", x_bte, fold_in(lora_rng_b, 0))
+        k_btkd = self.k_proj("bte,ekd->btkd", x_bte, fold_in(lora_rng_b, 1))
+        v_btkd = self.v_proj("bte,ekd->btkd", x_bte, fold_in(lora_rng_b, 2))
+        q_bthd = constrain(q_bthd, ("act_batch", "act_len", "act_heads", None))
+        k_btkd = constrain(k_btkd, ("act_batch", "act_len", "act_kv_heads", None))
+        v_btkd = constrain(v_btkd, ("act_batch", "act_len", "act_kv_heads", None))
+        o_rng_b = fold_in(lora_rng_b, 3)
         if self.inv_freq is not None:
             q_bthd = apply_rope(q_bthd, positions_bt, self.inv_freq)
             k_btkd = apply_rope(k_btkd, positions_bt, self.inv_freq)
@@ -268,7 +286,7 @@ class Attention(nnx.Module):
             out_bthd = cached_attention(
                 q_bthd, k_lbksd, v_lbksd, layer, mask_bts, scale, length, dropout_rate=dropout_rate, rng_b=rng_b
             )
-            return self.o_proj("bthd,hde->bte", out_bthd), (k_lbksd, v_lbksd, layer)
+            return self.o_proj("bthd,hde->bte", out_bthd, o_rng_b), (k_lbksd, v_lbksd, layer)
         impl = resolve_attention_impl(
             self.attention_impl,
             dtype=q_bthd.dtype,
@@ -288,7 +306,7 @@ class Attention(nnx.Module):
             out_bthd = dot_product_attention(
                 q_bthd, k_btkd, v_btkd, mask_bts, scale, causal=causal, dropout_rate=dropout_rate, rng_b=rng_b
             )
-        return self.o_proj("bthd,hde->bte", out_bthd), None
+        return self.o_proj("bthd,hde->bte", out_bthd, o_rng_b), None
 
 
 # Query rows per block of causal attention. The masked logits and the softmax are
@@ -602,11 +620,13 @@ class MLP(nnx.Module):
         self.down_proj = Proj((m, e), ("mlp", "embed"), **common)
         self.activation = cfg.activation
 
-    def __call__(self, x_bte):
-        h_btm = self.up_proj("bte,em->btm", x_bte)
+    def __call__(self, x_bte, lora_rng_b=None):
+        """``lora_rng_b``: row keys for the projections' LoRA dropout (``None``: none)."""
+        h_btm = self.up_proj("bte,em->btm", x_bte, fold_in(lora_rng_b, 0))
         if self.gate_proj is not None:
-            h_btm = activation(self.activation, self.gate_proj("bte,em->btm", x_bte)) * h_btm
+            gate_btm = self.gate_proj("bte,em->btm", x_bte, fold_in(lora_rng_b, 1))
+            h_btm = activation(self.activation, gate_btm) * h_btm
         else:
             h_btm = activation(self.activation, h_btm)
         h_btm = constrain(h_btm, ("act_batch", "act_len", "act_mlp"))
-        return self.down_proj("btm,me->bte", h_btm)
+        return self.down_proj("btm,me->bte", h_btm, fold_in(lora_rng_b, 2))

@@ -89,14 +89,15 @@ class Block(nnx.Module):
             rng_b=layers.fold_in(rng_b, layers.ATTN_PROBS),
             segment_ids_bt=segment_ids_bt,
             window=window,
+            lora_rng_b=layers.fold_in(rng_b, layers.LORA_ATTN),
         )
         attn_bte = layers.dropout(attn_bte, resid_rate, layers.fold_in(rng_b, layers.ATTN_OUT))
         if self.parallel_residual:
-            mlp_bte = self.mlp(self.mlp_norm(x_bte))
+            mlp_bte = self.mlp(self.mlp_norm(x_bte), layers.fold_in(rng_b, layers.LORA_MLP))
             x_bte = x_bte + attn_bte + layers.dropout(mlp_bte, resid_rate, layers.fold_in(rng_b, layers.MLP_OUT))
         else:
             x_bte = x_bte + attn_bte
-            mlp_bte = self.mlp(self.mlp_norm(x_bte))
+            mlp_bte = self.mlp(self.mlp_norm(x_bte), layers.fold_in(rng_b, layers.LORA_MLP))
             x_bte = x_bte + layers.dropout(mlp_bte, resid_rate, layers.fold_in(rng_b, layers.MLP_OUT))
         return constrain(x_bte, ("act_batch", "act_len", "act_embed")), kv_cache
 

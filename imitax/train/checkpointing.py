@@ -6,10 +6,13 @@ Each step directory ``WORKDIR/checkpoints/<step>/`` holds the items
     model_config/ the model config (JSON)
     train_state/  optimizer state, step and RNG
     data/         the data position and the run's fingerprint (JSON)
+    lora/         LoRA runs only: the adapters' settings and their base (path and fingerprint)
 
 so a step directory is itself an imitax checkpoint: ``scripts/convert.py
 --export --ckpt=WORKDIR`` exports the latest one, and ``--config.init_from``
-accepts it.
+accepts it. A LoRA run's ``params/`` holds only its adapters; its base weights are
+read again from the path ``lora/`` names (:func:`imitax.convert.load_checkpoint`
+merges them).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from imitax.train.state import TrainState
 
-ITEMS = ("params", "model_config", "train_state", "data")
+ITEMS = ("params", "model_config", "train_state", "data", "lora")
 
 
 def manager(workdir: str, *, save_every: int, keep: int, keep_period: int | None) -> ocp.CheckpointManager:
@@ -39,20 +42,30 @@ def manager(workdir: str, *, save_every: int, keep: int, keep_period: int | None
     return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options, item_names=ITEMS)
 
 
-def save(mgr: ocp.CheckpointManager, state: TrainState, model_config: dict, data: dict, *, force: bool = False) -> bool:
-    """Starts an asynchronous save of ``state`` at its step; returns whether one started."""
+def save(
+    mgr: ocp.CheckpointManager,
+    state: TrainState,
+    model_config: dict,
+    data: dict,
+    *,
+    force: bool = False,
+    lora: dict | None = None,
+) -> bool:
+    """Starts an asynchronous save of ``state`` at its step; returns whether one started.
+
+    ``lora``: a LoRA run's adapter settings and base (written as the ``lora`` item).
+    """
     step = int(state.step)
     rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-    return mgr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            model_config=ocp.args.JsonSave(model_config),
-            train_state=ocp.args.StandardSave(rest),
-            data=ocp.args.JsonSave(data),
-        ),
-        force=force,
+    items = dict(
+        params=ocp.args.StandardSave(state.params),
+        model_config=ocp.args.JsonSave(model_config),
+        train_state=ocp.args.StandardSave(rest),
+        data=ocp.args.JsonSave(data),
     )
+    if lora is not None:
+        items["lora"] = ocp.args.JsonSave(lora)
+    return mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract: TrainState) -> tuple[TrainState, dict] | None:

@@ -15,6 +15,7 @@ import warnings
 import ml_collections
 
 from imitax import models
+from imitax.models import lora
 
 # Architecture fields a config may override in a preset (unset = the preset's).
 SHAPE_FIELDS = (
@@ -107,6 +108,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every = 0  # validation loss every N steps (needs data.val_examples)
     c.eval_batches = 16
     c.progress = True
+
+    # What the student learns from: 'sft' (cross-entropy on the teacher's text), 'kd' (a teacher's
+    # next-token distributions at the same positions; docs/distillation.md).
+    c.method = "sft"
+    c.teacher = ""  # kd: the teacher model (an HF directory, imitax checkpoint or workdir), frozen
+    c.teacher_dtype = ""  # its parameter dtype ('' = param_dtype; 'bfloat16' halves its memory)
+    c.kd = ml_collections.ConfigDict()
+    c.kd.loss = "forward_kl"  # forward_kl | reverse_kl | jsd
+    c.kd.beta = 0.5  # jsd: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
+    c.kd.temperature = 1.0  # both distributions at this temperature (no T^2 factor)
+    c.kd.alpha = 0.0  # loss = (1 - alpha) * divergence + alpha * cross-entropy on the text
+    c.kd.cache = ""  # a top-k cache of the teacher (scripts/teacher_logits.py) instead of running it
+
+    # Low-rank adapters (LoRA); rank 0 = off (every weight trains). The base stays frozen.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.lora.dropout = 0.0  # on the adapters' inputs (train step only)
+    c.lora.targets = lora.DEFAULT_TARGETS  # re.search on projection paths, e.g. layers/attn/q_proj
 
     c.mesh = "data=1,fsdp=-1,tensor=1"
     c.seed = 0
@@ -260,6 +280,7 @@ def check(
         if config.init_from:
             raise ConfigError(str(e)) from None  # it names init_from already
         fail("model", str(e))
+    _check_methods(config, where, fail)
     try:
         cfg = cfg.replace(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat)
     except ValueError as e:
@@ -269,6 +290,45 @@ def check(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+METHODS = ("sft", "kd")
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig | None:
+    """The run's adapters (None when ``lora.rank`` is 0); raises ValueError for a bad field."""
+    if config.lora.rank == 0:
+        return None
+    return lora.LoRAConfig(
+        rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout, targets=config.lora.targets
+    )
+
+
+def kd_config(config: ml_collections.ConfigDict):
+    """The run's distillation settings (None for ``sft``); raises ValueError for a bad field."""
+    from imitax.train import distill
+
+    if config.method == "sft":
+        return None
+    kd = config.kd
+    return distill.KDConfig(loss=kd.loss, beta=kd.beta, temperature=kd.temperature, alpha=kd.alpha)
+
+
+def _check_methods(config: ml_collections.ConfigDict, where: str, fail) -> None:
+    """The method, its teacher and the LoRA section."""
+    if config.method not in METHODS:
+        fail("method", f"unknown method {config.method!r}; known: {', '.join(METHODS)}")
+    try:
+        kd_config(config)
+        lora_config(config)
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}") from None  # the message starts with the field
+    if config.method == "kd" and not config.teacher:
+        fail("teacher", "method=kd needs a teacher: set --config.teacher=PATH (an HF directory or imitax checkpoint)")
+    if config.teacher_dtype not in ("", "float32", "bfloat16"):
+        fail("teacher_dtype", f"expected '', 'float32' or 'bfloat16', got {config.teacher_dtype!r}")
+    if config.lora.rank and not config.init_from:
+        fail("lora.rank", "LoRA adapts a pretrained model: set --config.init_from=PATH (or lora.rank=0)")
 
 
 def warn_if_inside_warmup(config: ml_collections.ConfigDict, total_steps: int) -> bool:

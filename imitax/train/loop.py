@@ -9,6 +9,8 @@ function of (seed, step) and the checkpoint holds everything else.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -26,7 +28,8 @@ from jax.experimental import multihost_utils
 
 from imitax import convert, models, records, sharding
 from imitax.data import DataConfig, PackedBatches, build_datasets
-from imitax.train import checkpointing, metrics, optim
+from imitax.models import lora
+from imitax.train import checkpointing, metrics, optim, teacher_cache
 from imitax.train import config as train_config
 from imitax.train import state as train_state
 from imitax.train import step as train_step
@@ -94,11 +97,15 @@ def _record_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
 
 def _resolve_init(init_from: str) -> tuple[str, epath.Path]:
     """``('hf'|'imitax', path)`` for an HF directory, an imitax checkpoint or a training workdir."""
+    return _resolve_init_path(init_from, "init_from")
+
+
+def _resolve_init_path(path: str, where: str) -> tuple[str, epath.Path]:
     try:
-        kind = convert.require_model_kind(init_from, where="init_from")
+        kind = convert.require_model_kind(path, where=where)
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(str(e)) from None
-    return ("hf", epath.Path(init_from)) if kind == "hf" else ("imitax", convert.resolve(init_from))
+    return ("hf", epath.Path(path)) if kind == "hf" else ("imitax", convert.resolve(path))
 
 
 def tokenizer_dir(config: ml_collections.ConfigDict) -> epath.Path:
@@ -138,7 +145,71 @@ def _load_model(config, mesh) -> models.Transformer:
     return model
 
 
-def _data_config(config, workdir: epath.Path) -> DataConfig:
+def _frozen_parts(config, model, lora_cfg, mesh) -> tuple[dict, dict | None]:
+    """Adds a LoRA run's adapters to ``model``; returns ``({'base': frozen weights}, the lora item)``.
+
+    Without LoRA: ``({}, None)``. The item names the base (``init_from`` and a fingerprint of its
+    weights, :func:`imitax.models.lora.fingerprint`), which the checkpoints hold instead of it.
+    """
+    if lora_cfg is None:
+        return {}, None
+    try:
+        names = lora.add_adapters(model, lora_cfg, mesh=mesh, seed=config.seed)
+    except ValueError as e:
+        raise TrainingError(f"config.{e}") from None
+    base = nnx.state(model, lora.BASE).to_pure_dict()
+    info = {
+        **dataclasses.asdict(lora_cfg),
+        "adapted": names,
+        "base": os.path.abspath(config.init_from),
+        "base_fingerprint": lora.fingerprint(base),
+        "base_dtype": config.param_dtype,
+    }
+    return {"base": base}, info
+
+
+def _check_same_base(mgr, lora_info: dict | None) -> None:
+    """Refuses to resume a LoRA run whose base weights changed since its checkpoints were written."""
+    if lora_info is None:
+        return
+    saved = convert.checkpoint.lora_info(epath.Path(mgr.directory) / str(mgr.latest_step()))
+    if saved and saved["base_fingerprint"] != lora_info["base_fingerprint"]:
+        raise TrainingError(
+            f"the base model {lora_info['base']} is not the one this run's adapters were trained on "
+            f"(fingerprint {lora_info['base_fingerprint']}, checkpoints say {saved['base_fingerprint']}); "
+            "restore that base, or use another --workdir"
+        )
+
+
+def load_teacher(config, student: models.TransformerConfig, tokenizer, mesh) -> models.Transformer:
+    """The frozen teacher of ``method=kd``, refused if its vocabulary or tokenizer is not the student's."""
+    kind, path = _resolve_init_path(config.teacher, "config.teacher")
+    dtype = config.teacher_dtype or config.param_dtype
+    teacher_cfg = convert.model_config(path, where="config.teacher")
+    if teacher_cfg.vocab_size != student.vocab_size:
+        raise TrainingError(
+            f"config.teacher: {path} has a vocabulary of {teacher_cfg.vocab_size} tokens, the student "
+            f"{student.vocab_size}: distillation needs the same vocabulary; choose a teacher of the student's family"
+        )
+    import transformers
+
+    tok_dir = path if kind == "hf" else convert.tokenizer_dir(path)
+    if tok_dir is not None:
+        theirs = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise TrainingError(
+                f"config.teacher: the tokenizer in {tok_dir} differs from the run's: distillation needs the "
+                "same tokenizer; choose a teacher that shares the student's"
+            )
+    if kind == "hf":
+        teacher = convert.load_hf(path, mesh=mesh, dtype=dtype)
+    else:
+        teacher = convert.load_checkpoint(path, mesh=mesh, dtype=dtype)
+    teacher.cfg = teacher.cfg.replace(dtype=config.dtype, scan_layers=config.scan_layers)
+    return teacher
+
+
+def data_config(config, workdir: epath.Path) -> DataConfig:
     d = config.data
     if not d.train:
         raise TrainingError("no training data: set --config.data.train=PATHS (comma-separated) or hf:NAME")
@@ -158,7 +229,16 @@ def _data_config(config, workdir: epath.Path) -> DataConfig:
 
 
 def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+    mesh = batch_sharding.mesh
+    return {
+        k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v) for k, v in local.items()
+    }
+
+
+def _local_rows(batches: PackedBatches, step: int) -> np.ndarray:
+    """This process's row ids of the batch at ``step`` (as ``batch_at`` slices them)."""
+    local = batches.batch_size // jax.process_count()
+    return batches.rows_at(step)[jax.process_index() * local : (jax.process_index() + 1) * local]
 
 
 class _Preemption:
@@ -212,17 +292,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"the tokenizer in {tok_dir} has {len(tokenizer)} tokens but the model's vocabulary has "
             f"{arch.vocab_size}: they do not belong together"
         )
-    data_cfg = _data_config(config, workdir_path)
+    data_cfg = data_config(config, workdir_path)
     splits = build_datasets(data_cfg, tokenizer, progress=jax.process_index() == 0)
     if jax.process_index() == 0 and not (workdir_path / "tokenizer").exists():
         convert.checkpoint.copy_tokenizer(tok_dir, workdir_path / "tokenizer")
+    lora_cfg, kd = train_config.lora_config(config), train_config.kd_config(config)
     with jax.set_mesh(mesh):
         model = _load_model(config, mesh)
+        frozen, lora_info = _frozen_parts(config, model, lora_cfg, mesh)
+        online = kd is not None and not config.kd.cache
+        teacher = load_teacher(config, model.cfg, tokenizer, mesh) if online else None
+    if teacher is not None:
+        frozen["teacher"] = nnx.state(teacher, nnx.Param).to_pure_dict()
+    trainable = nnx.LoRAParam if lora_cfg is not None else nnx.Param
     cfg = model.cfg
     batches = PackedBatches(splits.train, config.seq_len, config.batch_size, config.seed, data_cfg.packing)
     total_steps = config.total_steps if config.total_steps > 0 else batches.steps_per_epoch
     logging.info("data: %s; packed: %s; training %d steps", splits.stats, batches.stats, total_steps)
     train_config.warn_if_inside_warmup(config, total_steps)
+    cache = None
+    if kd is not None and config.kd.cache:
+        try:
+            cache = teacher_cache.TeacherCache(
+                config.kd.cache, batches, splits.stats.get("cache", ""), config.teacher, kd.temperature
+            )
+        except (teacher_cache.CacheError, FileNotFoundError) as e:
+            raise TrainingError(str(e)) from None
 
     # Optimizer, state, compiled step.
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -233,7 +328,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     optimizer, schedule = optim.make_optimizer(config.optimizer, total_steps)
     graphdef = nnx.graphdef(model)
-    shardings = train_state.state_shardings(model, optimizer, mesh)
+    teacher_graphdef = nnx.graphdef(teacher) if teacher is not None else None
+    shardings = train_state.state_shardings(model, optimizer, mesh, trainable)
     batch_sharding = sharding.batch_sharding(mesh)
     mgr = checkpointing.manager(
         str(workdir_path),
@@ -243,21 +339,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     data_info = {"fingerprint": splits.stats.get("cache", ""), "seed": config.seed}
     with jax.set_mesh(mesh):
-        restored = checkpointing.restore_latest(mgr, train_state.abstract_train_state(model, optimizer, shardings))
+        abstract = train_state.abstract_train_state(model, optimizer, shardings, trainable)
+        restored = checkpointing.restore_latest(mgr, abstract)
         if restored is None:
-            state = train_state.create_train_state(model, optimizer, shardings, config.seed)
+            state = train_state.create_train_state(model, optimizer, shardings, config.seed, trainable)
         else:
             state, _ = restored
+            _check_same_base(mgr, lora_info)
             logging.info("resumed from step %d", int(state.step))
-        del model  # the train state owns the parameters now
+        del model, teacher  # the train state and `frozen` own the parameters now
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen) if frozen else None
         step_fn = train_step.jit_train_step(
             train_step.make_train_step(
-                graphdef, optimizer, schedule, config.grad_accum_steps, loss_chunk_len=config.loss_chunk_len
+                graphdef,
+                optimizer,
+                schedule,
+                config.grad_accum_steps,
+                loss_chunk_len=config.loss_chunk_len,
+                kd=kd,
+                teacher_graphdef=teacher_graphdef,
             ),
             shardings,
             batch_sharding,
+            frozen_shardings,
+            cached_teacher=cache is not None,
         )
-        eval_fn = jax.jit(train_step.make_eval_step(graphdef, loss_chunk_len=config.loss_chunk_len))
+        base = {"base": frozen["base"]} if "base" in frozen else None
+        eval_fn = functools.partial(
+            jax.jit(train_step.make_eval_step(graphdef, loss_chunk_len=config.loss_chunk_len)), frozen=base
+        )
+    step_args = (frozen,) if frozen else ()
 
     flops_per_token = metrics.train_flops_per_token(cfg, config.seq_len)
     peak, peak_source = metrics.peak_flops_per_second()
@@ -273,7 +384,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step")
 
     def save(force: bool) -> None:
-        checkpointing.save(mgr, state, model_config, {**data_info, "step": int(state.step)}, force=force)
+        data = {**data_info, "step": int(state.step)}
+        checkpointing.save(mgr, state, model_config, data, force=force, lora=lora_info)
 
     # The loop.
     last = {}
@@ -282,7 +394,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with jax.set_mesh(mesh):
             for step in range(start_step, total_steps):
                 local = batches.batch_at(step, jax.process_index(), jax.process_count())
-                state, step_metrics = step_fn(state, _global_batch(local, batch_sharding))
+                if cache is not None:
+                    local |= cache.batch_for(_local_rows(batches, step), local["loss_mask"])
+                state, step_metrics = step_fn(state, _global_batch(local, batch_sharding), *step_args)
                 # The per-step divergence check. The loss is that of the parameters before this
                 # update; the parameter norm, of those after it, which are the ones a save would keep.
                 loss, param_norm = (float(step_metrics[k]) for k in ("loss", "param_norm"))

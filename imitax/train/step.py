@@ -30,10 +30,16 @@ from flax import nnx
 from imitax import sharding
 from imitax.models.transformer import project
 from imitax.sharding import constrain
+from imitax.train import distill
 from imitax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# Parameters a step reads but does not train, passed beside the state (never donated, no optimizer
+# state): ``{'base': a LoRA run's base weights, 'teacher': an online teacher's}``, either optional.
+Frozen = dict[str, Any]
+# A top-k teacher cache's arrays (imitax.train.teacher_cache): ids [b, t, k], log-probs [b, t, k + 1].
+TEACHER_KEYS = ("teacher_ids", "teacher_logp")
 # Sequence positions per chunk of the cross-entropy (see chunked_cross_entropy).
 LOSS_CHUNK_LEN = 256
 
@@ -45,26 +51,75 @@ def loss_terms(
     *,
     dropout_rng: jax.Array | None = None,
     chunk_len: int = LOSS_CHUNK_LEN,
+    frozen: Frozen | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed cross-entropy over loss-bearing tokens, and the counts to normalize it.
 
     Args:
-      graphdef, params: the model.
+      graphdef, params: the model (``params``: what the state trains; a LoRA run's adapters).
       batch: ``BATCH_KEYS`` arrays ``[batch, length]``.
       dropout_rng: ``None`` (no dropout: validation, tests) or keys for the
         model's dropout (one key, or one per row).
       chunk_len: sequence positions per cross-entropy chunk; ``0`` (or at least
         the length) computes all logits at once.
+      frozen: the parameters the step does not train (:data:`Frozen`), or None.
 
     Returns:
       ``(loss_sum, {'loss_sum', 'tokens', 'correct'})``: float32 scalars.
     """
-    model = nnx.merge(graphdef, params)
+    model = _student(graphdef, params, frozen)
     h_bte, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)
     w, w_axes = model.output_weight()
     mask_bt = batch["loss_mask"].astype(jnp.float32)
     loss_sum, correct = chunked_cross_entropy(h_bte, w, w_axes, batch["targets"], mask_bt, chunk_len)
     return loss_sum, {"loss_sum": loss_sum, "tokens": jnp.sum(mask_bt), "correct": correct}
+
+
+def kd_loss_terms(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    batch: Batch,
+    *,
+    kd: distill.KDConfig,
+    teacher_graphdef: nnx.GraphDef | None,
+    frozen: Frozen,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Summed ``(1 - alpha) * divergence + alpha * cross-entropy`` over loss-bearing tokens.
+
+    The teacher is the batch's top-k cache entries (:data:`TEACHER_KEYS`) when it has them, else
+    ``frozen['teacher']`` run on the same batch (no dropout, no gradient). The logits are computed
+    whole (``[batch, length, vocab]`` float32, for the student and an online teacher), not in
+    chunks as the plain cross-entropy is.
+
+    Returns:
+      ``(loss_sum, {'loss_sum', 'kd_sum', 'ce_sum', 'tokens', 'correct'})``.
+    """
+    model = _student(graphdef, params, frozen)
+    h_bte, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)
+    logits_btv = model.logits(h_bte)
+    if "teacher_ids" in batch:
+        kd_bt = distill.topk_token_divergence(
+            logits_btv, batch["teacher_ids"], batch["teacher_logp"], kd.loss, kd.beta, kd.temperature
+        )
+    else:
+        teacher = nnx.merge(teacher_graphdef, frozen["teacher"])
+        teacher_btv = jax.lax.stop_gradient(teacher(batch["inputs"], batch["positions"], batch["segment_ids"]))
+        kd_bt = distill.token_divergence(logits_btv, teacher_btv, kd.loss, kd.beta, kd.temperature)
+    mask_bt = batch["loss_mask"].astype(jnp.float32)
+    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
+    correct_bt = (jnp.argmax(logits_btv, axis=-1) == batch["targets"]).astype(jnp.float32)
+    kd_sum, ce_sum = jnp.sum(kd_bt * mask_bt), jnp.sum(ce_bt * mask_bt)
+    loss_sum = (1.0 - kd.alpha) * kd_sum + kd.alpha * ce_sum
+    aux = {"loss_sum": loss_sum, "kd_sum": kd_sum, "ce_sum": ce_sum, "tokens": jnp.sum(mask_bt)}
+    return loss_sum, aux | {"correct": jnp.sum(correct_bt * mask_bt)}
+
+
+def _student(graphdef: nnx.GraphDef, params: Any, frozen: Frozen | None) -> nnx.Module:
+    """The trained model: ``params`` alone, or a LoRA run's adapters over their frozen base."""
+    if frozen is None or "base" not in frozen:
+        return nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, frozen["base"], params)
 
 
 # -- the cross-entropy, chunked ----------------------------------------------------------------
@@ -189,8 +244,10 @@ def make_train_step(
     grad_accum_steps: int = 1,
     *,
     loss_chunk_len: int = LOSS_CHUNK_LEN,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds the (un-jitted) train step; :func:`jit_train_step` compiles it.
+    kd: distill.KDConfig | None = None,
+    teacher_graphdef: nnx.GraphDef | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the (un-jitted) train step ``(state, batch, frozen=None)``; :func:`jit_train_step` compiles it.
 
     Args:
       graphdef: the model's graph definition (``nnx.split(model)[0]``); its
@@ -200,27 +257,33 @@ def make_train_step(
       grad_accum_steps: the global batch is split into this many micro-batches,
         run one after another (``lax.scan``) with their gradients summed.
       loss_chunk_len: sequence positions per cross-entropy chunk (0 = unchunked).
+      kd: distill from the teacher in ``frozen['teacher']`` (:func:`kd_loss_terms`), or None (SFT).
+      teacher_graphdef: the teacher's graph definition (with ``kd``).
     """
-    loss_fn = functools.partial(loss_terms, graphdef, chunk_len=loss_chunk_len)
-    grad_fn = jax.grad(lambda p, b, rng: loss_fn(p, b, dropout_rng=rng), has_aux=True)
+    if kd is None:
+        loss_fn = functools.partial(loss_terms, graphdef, chunk_len=loss_chunk_len)
+    else:
+        loss_fn = functools.partial(kd_loss_terms, graphdef, kd=kd, teacher_graphdef=teacher_graphdef)
+    grad_fn = jax.grad(lambda p, b, rng, frozen: loss_fn(p, b, dropout_rng=rng, frozen=frozen), has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch):
-        batch = {k: batch[k] for k in BATCH_KEYS}
+    def train_step(state: TrainState, batch: Batch, frozen: Frozen | None = None):
+        batch = {k: batch[k] for k in BATCH_KEYS + TEACHER_KEYS if k in batch}
         # Unused (and compiled away) when every dropout rate is 0.
         rng_b = dropout_keys(state.rng, state.step, batch["inputs"].shape[0])
         if grad_accum_steps == 1:
-            grads, aux = grad_fn(state.params, batch, rng_b)
+            grads, aux = grad_fn(state.params, batch, rng_b, frozen)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), (batch, rng_b)
             )
 
             def accumulate(carry, mb):
-                grads, aux = grad_fn(state.params, *mb)
+                grads, aux = grad_fn(state.params, *mb, frozen)
                 return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            zero_aux = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "tokens", "correct")}
+            aux_shapes = jax.eval_shape(grad_fn, state.params, *jax.tree.map(lambda x: x[0], micro), frozen)[1]
+            zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes)
             (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux), micro)
         tokens = jnp.maximum(aux["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / tokens, grads)
@@ -234,6 +297,7 @@ def make_train_step(
             "param_norm": optax.global_norm(params),
             "learning_rate": schedule(state.step),
         }
+        metrics |= {k.replace("_sum", "_loss"): aux[k] / tokens for k in ("kd_sum", "ce_sum") if k in aux}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
@@ -254,22 +318,36 @@ def dropout_keys(rng: jax.Array, step: jax.Array, batch_size: int) -> jax.Array:
 
 def make_eval_step(
     graphdef: nnx.GraphDef, *, loss_chunk_len: int = LOSS_CHUNK_LEN
-) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """``eval_step(params, batch) -> {'loss_sum', 'tokens', 'correct'}`` for validation (no dropout)."""
+) -> Callable[..., dict[str, jax.Array]]:
+    """``eval_step(params, batch, frozen=None) -> {'loss_sum', 'tokens', 'correct'}``: validation cross-entropy."""
 
-    def eval_step(params, batch: Batch):
-        _, aux = loss_terms(graphdef, params, {k: batch[k] for k in BATCH_KEYS}, chunk_len=loss_chunk_len)
+    def eval_step(params, batch: Batch, frozen: Frozen | None = None):
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        _, aux = loss_terms(graphdef, params, batch, chunk_len=loss_chunk_len, frozen=frozen)
         return aux
 
     return eval_step
 
 
-def jit_train_step(train_step, state_shardings: TrainState, batch_sharding: jax.sharding.Sharding):
-    """Compiles the step with explicit shardings; the input state is donated."""
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
+def jit_train_step(
+    train_step,
+    state_shardings: TrainState,
+    batch_sharding: jax.sharding.Sharding,
+    frozen_shardings: Any = None,
+    *,
+    cached_teacher: bool = False,
+):
+    """Compiles the step with explicit shardings; the input state is donated.
+
+    With ``frozen_shardings`` (those of a :data:`Frozen` dict) the step takes ``(state, batch,
+    frozen)``; without, ``(state, batch)``. ``cached_teacher``: the batches carry :data:`TEACHER_KEYS`.
+    """
+    mesh = batch_sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    if cached_teacher:
+        batch_shardings |= {k: sharding.batch_sharding(mesh, ndim=3) for k in TEACHER_KEYS}
+    in_shardings = (state_shardings, batch_shardings)
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(train_step, in_shardings=in_shardings, out_shardings=(state_shardings, replicated), donate_argnums=0)
