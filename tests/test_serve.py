@@ -146,6 +146,29 @@ def _greedy_ids(server, prompt: list[int], **extra) -> list[int]:
     return response.json()["choices"][0]["token_ids"]
 
 
+def test_engine_chunks_and_compaction_keep_greedy_outputs(model_dir, references):
+    """In-process: 3 slots, 8-token chunks and a short cache, so prompts span up to 5 chunks, slots start
+    prompts while others decode, and the cache is compacted several times; greedy rows stay exact."""
+    from imitax import convert
+    from imitax.serve import Engine, SamplingParams
+
+    ours, _ = references
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    engine = Engine(convert.load_hf(model_dir), tokenizer, max_batch=3, max_len=72, chunk=8, prefill_rows=2, headroom=8)
+    engine.start()
+    try:
+        greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        sampled = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_p=0.9, seed=3, ignore_eos=True)
+        handles = [engine.submit(p, greedy) for p in _prompts()]
+        handles += [engine.submit(p, sampled) for p in _prompts()[:4]]
+        got = [[t for event in h for t in event.tokens] for h in handles]
+    finally:
+        engine.stop()
+    assert got[:8] == ours
+    assert all(len(g) == NEW_TOKENS for g in got[8:])
+    assert engine.compactions >= 2, engine.compactions
+
+
 def test_greedy_alone_equals_generate_and_transformers(server, references):
     ours, theirs = references
     for prompt, want_ours, want_theirs in zip(_prompts()[:3], ours, theirs, strict=False):

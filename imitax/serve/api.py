@@ -66,7 +66,7 @@ class _Sampling(pydantic.BaseModel):
     ignore_eos: bool = False
     return_token_ids: bool = False
 
-    def params(self, max_tokens: int | None) -> SamplingParams:
+    def params(self, max_tokens: int | None, logprobs: bool) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -77,6 +77,7 @@ class _Sampling(pydantic.BaseModel):
             seed=self.seed,
             n=self.n,
             ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
         )
 
 
@@ -183,7 +184,12 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "in_flight": engine.in_flight()}
+        return {
+            "status": "ok",
+            "in_flight": engine.in_flight(),
+            "steps": engine.steps,
+            "compactions": engine.compactions,
+        }
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -199,7 +205,7 @@ def create_app(
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= TOP_LOGPROBS:
             raise ApiError(400, f"top_logprobs must be in [0, {TOP_LOGPROBS}]", param="top_logprobs")
         prompt = encoder.encode_prompt(_conversation(body.messages)).tolist()
-        params = _checked(body.params(body.max_completion_tokens or body.max_tokens))
+        params = _checked(body.params(body.max_completion_tokens or body.max_tokens, bool(body.top_logprobs)))
         top = (body.top_logprobs or 0) if body.logprobs else None
         reply = _Reply(tokenizer, "chat.completion", model_name, body, top, chat=True)
         handle, events = submit(prompt, params, asyncio.get_running_loop())
@@ -220,7 +226,9 @@ def create_app(
         if isinstance(prompt, str):
             prompt = tokenizer(prompt)["input_ids"]
         reply = _Reply(tokenizer, "text_completion", model_name, body, body.logprobs, chat=False)
-        handle, events = submit(list(prompt), _checked(body.params(body.max_tokens)), asyncio.get_running_loop())
+        handle, events = submit(
+            list(prompt), _checked(body.params(body.max_tokens, bool(body.logprobs))), asyncio.get_running_loop()
+        )
         return await reply.respond(handle, events)
 
     return app

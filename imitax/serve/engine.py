@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -49,6 +50,7 @@ from flax import nnx
 
 from imitax.eval.generate import sample_logits
 from imitax.models import Transformer
+from imitax.models.transformer import constrain_cache
 
 __all__ = ["TOP_LOGPROBS", "Engine", "EngineBusy", "EngineError", "Handle", "SamplingParams", "TokenEvent"]
 
@@ -77,6 +79,8 @@ class SamplingParams:
       seed: the random seed of the first choice (choice ``i`` uses ``seed + i``); ``None``: a fresh one.
       n: how many choices (each decoded in its own slot).
       ignore_eos: keep going past the end-of-text token (benchmarks).
+      logprobs: return the :data:`TOP_LOGPROBS` most likely tokens with each token (the
+        chosen token's log-probability comes back always).
     """
 
     max_tokens: int | None = None
@@ -87,6 +91,7 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     ignore_eos: bool = False
+    logprobs: bool = False
 
     def check(self) -> None:
         """Raises :class:`EngineError` for settings no request may have."""
@@ -155,7 +160,9 @@ class _Slot:
     params: SamplingParams
     limit: int  # the most new tokens
     seed: int
-    filled: int = 0  # cache positions written
+    uid: int  # the slot's segment id: no other request's cache entries match it
+    filled: int = 0  # prompt tokens written, then every token written
+    region: int | None = None  # the cache position of its prompt's first chunk (once prefill starts)
     generated: list[int] = dataclasses.field(default_factory=list)
     pending: int | None = None  # the last sampled token, not yet in the cache
     sent: int = 0  # characters of text already emitted
@@ -169,61 +176,85 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+# The batch (slot) axis of each cache entry (Transformer.init_cache's layout).
+_SLOT_AXIS = {"k": 1, "v": 1, "segment_ids": 0, "positions": 0}
+_POSITION_AXIS = {"k": 3, "v": 3, "segment_ids": 1, "positions": 1}
+
+
 # -- the compiled programs ------------------------------------------------------------------------
 
 
-def _extend_rows(graphdef, state, cache, tokens_bt, positions_bt, segment_ids_bt, starts_b):
-    """``Transformer.hidden`` on each row with its own cache index: ``vmap`` over batches of one."""
-    model = nnx.merge(graphdef, state)
+def _pick(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b, want_top):
+    """Per-row tokens (greedy where the temperature is 0), their log-probabilities and the top ones.
 
-    def one(tokens_t, positions_t, segment_ids_t, k, v, seg_s, pos_s, start):
-        row = {"k": k[:, None], "v": v[:, None], "segment_ids": seg_s[None], "positions": pos_s[None], "index": start}
-        h_1te, row = model.hidden(tokens_t[None], positions_t[None], segment_ids_t[None], row)
-        return h_1te[0], row["k"][:, 0], row["v"][:, 0], row["segment_ids"][0], row["positions"][0]
-
-    rows = jax.vmap(one, in_axes=(0, 0, 0, 1, 1, 0, 0, 0), out_axes=(0, 1, 1, 0, 0))
-    h_bte, k, v, seg, pos = rows(
-        tokens_bt, positions_bt, segment_ids_bt, cache["k"], cache["v"], cache["segment_ids"], cache["positions"],
-        starts_b,
-    )  # fmt: skip
-    return model, h_bte, {"k": k, "v": v, "segment_ids": seg, "positions": pos}
-
-
-def _pick(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b):
-    """Per-row tokens (greedy where the temperature is 0), their log-probabilities and the top ones."""
+    Sampling (two sorts of the vocabulary per row for top-k and top-p) and the top
+    log-probabilities run only when some row asks for them (``lax.cond``): a greedy step
+    without logprobs costs an argmax and a log-sum-exp.
+    """
     logits_bv = logits_bv.astype(jnp.float32)
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
-    def sample(logits_v, temperature, top_k, top_p, seed, count):
+    def sample(logits_v, temperature, top_k, top_p, seed, count, filtered: bool):
         key = jax.random.fold_in(jax.random.key(seed), count)
-        return sample_logits(key, logits_v[None], jnp.where(temperature > 0, temperature, 1.0), top_k, top_p)[0]
+        scaled_v = logits_v / jnp.where(temperature > 0, temperature, 1.0)
+        if filtered:
+            return sample_logits(key, scaled_v[None], 1.0, top_k, top_p)[0]
+        return jax.random.categorical(key, scaled_v).astype(jnp.int32)
 
-    sampled_b = jax.vmap(sample)(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b)
-    token_b = jnp.where(temperature_b > 0, sampled_b, jnp.argmax(logits_bv, axis=-1).astype(jnp.int32))
-    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-    chosen_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
-    top_vals, top_ids = jax.lax.top_k(logp_bv, min(TOP_LOGPROBS, logp_bv.shape[-1]))
+    def sampled():
+        args = (logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b)
+        tokens_b = jax.lax.cond(
+            jnp.any((top_k_b > 0) | (top_p_b < 1.0)),
+            lambda: jax.vmap(functools.partial(sample, filtered=True))(*args),
+            lambda: jax.vmap(functools.partial(sample, filtered=False))(*args),
+        )
+        return jnp.where(temperature_b > 0, tokens_b, greedy_b)
+
+    token_b = jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda: greedy_b)
+    logz_b = jax.nn.logsumexp(logits_bv, axis=-1)
+    chosen_b = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)[:, 0] - logz_b
+    k = min(TOP_LOGPROBS, logits_bv.shape[-1])
+
+    def top():
+        values, ids = jax.lax.top_k(logits_bv, k)
+        return ids, values - logz_b[:, None]
+
+    empty = (jnp.zeros((logits_bv.shape[0], k), jnp.int32), jnp.zeros((logits_bv.shape[0], k), jnp.float32))
+    top_ids, top_vals = jax.lax.cond(want_top, top, lambda: empty)
     return token_b, chosen_b, top_ids, top_vals
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _prefill_step(graphdef, state, cache, rows_p, tokens_pc, positions_pc, segment_ids_pc, starts_p, last_p, sampling):
-    """One prompt chunk for the slots ``rows_p`` (a row equal to the batch size is padding: never written)."""
-    sub = {name: jnp.take(a, rows_p, axis=1 if name in ("k", "v") else 0, mode="clip") for name, a in cache.items()}
-    model, h_pce, sub = _extend_rows(graphdef, state, sub, tokens_pc, positions_pc, segment_ids_pc, starts_p)
-    h_pe = jnp.take_along_axis(h_pce, last_p[:, None, None], axis=1)[:, 0]
-    picked = _pick(model.logits(h_pe[:, None])[:, 0], *sampling)
-    new = {name: cache[name].at[:, rows_p].set(sub[name], mode="drop") for name in ("k", "v")}
-    for name in ("segment_ids", "positions"):
-        new[name] = cache[name].at[rows_p].set(sub[name], mode="drop")
-    return new, picked
+def _prefill_step(graphdef, state, cache, rows_p, tokens_pc, positions_pc, segment_ids_pc, sampling):
+    """One prompt chunk for the slots ``rows_p``, written at ``cache["index"]`` (a row equal to the batch size is
+    padding: never written); picks a token from each chunk's last position (used where it ends a prompt)."""
+    model = nnx.merge(graphdef, state)
+    sub = {name: jnp.take(cache[name], rows_p, axis=_SLOT_AXIS[name], mode="clip") for name in _SLOT_AXIS}
+    h_pce, sub = model.hidden(tokens_pc, positions_pc, segment_ids_pc, {**sub, "index": cache["index"]})
+    picked = _pick(model.logits(h_pce[:, -1:])[:, 0], *sampling)
+    new = {
+        name: cache[name].at[(slice(None),) * axis + (rows_p,)].set(sub[name], mode="drop")
+        for name, axis in _SLOT_AXIS.items()
+    }
+    return {**new, "index": cache["index"]}, picked
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _decode_step(graphdef, state, cache, tokens_b, starts_b, sampling):
-    """Writes each slot's pending token at its own index and picks the next one."""
-    ones_b1 = jnp.ones_like(tokens_b)[:, None]
-    model, h_b1e, cache = _extend_rows(graphdef, state, cache, tokens_b[:, None], starts_b[:, None], ones_b1, starts_b)
-    return cache, _pick(model.logits(h_b1e)[:, 0], *sampling)
+def _decode_step(graphdef, state, cache, tokens_b, positions_b, segment_ids_b, sampling):
+    """Every slot writes one token at ``cache["index"]`` (segment 0 where it is not decoding) and picks the next."""
+    model = nnx.merge(graphdef, state)
+    logits_b1v, cache = model.extend(tokens_b[:, None], cache, positions_b[:, None], segment_ids_b[:, None])
+    return constrain_cache(cache), _pick(logits_b1v[:, 0], *sampling)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _compact(cache, shift):
+    """Moves every slot's cache positions ``shift`` to the left; what wraps around is marked padding."""
+    index = cache["index"] - shift
+    new = {name: jnp.roll(cache[name], -shift, axis=axis) for name, axis in _POSITION_AXIS.items()}
+    length = new["segment_ids"].shape[1]
+    new["segment_ids"] = jnp.where(jnp.arange(length)[None] < index, new["segment_ids"], 0)
+    return {**new, "index": index}
 
 
 # -- the engine -------------------------------------------------------------------------------------
@@ -243,6 +274,9 @@ class Engine:
       max_waiting: choices that may wait for a slot when all are busy; :meth:`submit` refuses
         more (HTTP 429).
       eos_token_ids: tokens that end a choice (default: the tokenizer's EOS).
+      headroom: cache positions beyond the most one request can span: the cache is compacted
+        (every slot's entries moved left, one pass over it) at most once per ``headroom``
+        decode steps (default: ``max(64, max_len // 4)``).
     """
 
     def __init__(
@@ -256,6 +290,7 @@ class Engine:
         prefill_rows: int = 4,
         max_waiting: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        headroom: int | None = None,
     ):
         cfg = model.cfg
         if max_batch < 1 or max_len < 2 or chunk < 1:
@@ -270,16 +305,19 @@ class Engine:
         self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.buckets = tuple(1 << i for i in range(max(1, min(prefill_rows, max_batch)).bit_length()))
         self.graphdef, self.state = nnx.split(model)
-        # A partly filled last chunk still writes a whole chunk: room for it past max_len.
-        cache = model.init_cache(max_batch, self.max_len + self.chunk)
-        # Each slot keeps its own index (on the host): the cache's shared "index" is not used.
-        self.cache = {name: cache[name] for name in ("k", "v", "segment_ids", "positions")}
+        # A slot's entries span at most its prompt rounded up to chunks, a step per chunk and its
+        # output; the headroom past that sets how often the cache is compacted.
+        span = self.max_len + self.chunk + -(-self.max_len // self.chunk)
+        self.length = span + (max(64, self.max_len // 4) if headroom is None else max(1, headroom))
+        self.cache = model.init_cache(max_batch, self.length)
+        self.index = 0  # the next write position, shared by every slot (a copy of cache["index"])
+        self._uids = itertools.count(1)
         self.slots: list[_Slot | None] = [None] * max_batch
         self.waiting: list[_Slot] = []
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.steps = 0
+        self.steps = self.compactions = 0
 
     @property
     def programs(self) -> list[str]:
@@ -287,20 +325,25 @@ class Engine:
         return ["decode"] + [f"prefill rows={p} chunk={self.chunk}" for p in self.buckets]
 
     def warmup(self) -> None:
-        """Compiles every program before the first request (prefill rows all padding: nothing is written)."""
-        c = self.chunk
-        for p in self.buckets:
+        """Compiles every program before the first request; writes nothing any request will read."""
+        for p in self.buckets:  # rows all padding: nothing written
             rows = [self.max_batch] * p
-            zeros = np.zeros((p, c), np.int32)
+            zeros = np.zeros((p, self.chunk), np.int32)
             self.cache, _ = _prefill_step(
                 self.graphdef, self.state, self.cache, np.array(rows, np.int32), zeros, zeros, zeros,
-                np.zeros((p,), np.int32), np.zeros((p,), np.int32), self._sampling(rows),
+                self._sampling(rows),
             )  # fmt: skip
-        # Idle slots write position 0, which the next request in them writes first.
-        zeros = np.zeros((self.max_batch,), np.int32)
+        zeros = np.zeros((self.max_batch,), np.int32)  # segment 0 everywhere, then moved back
         self.cache, picked = _decode_step(
-            self.graphdef, self.state, self.cache, zeros, zeros, self._sampling([self.max_batch] * self.max_batch)
+            self.graphdef,
+            self.state,
+            self.cache,
+            zeros,
+            zeros,
+            zeros,
+            self._sampling([self.max_batch] * self.max_batch),
         )
+        self.cache = _compact(self.cache, np.int32(1))
         jax.block_until_ready(picked)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -338,7 +381,8 @@ class Engine:
             if len(self.waiting) + sum(s is not None for s in self.slots) + params.n > capacity:
                 raise EngineBusy(f"too many requests in flight (at most {capacity} choices); retry later")
             for i in range(params.n):
-                self.waiting.append(_Slot(handle, i, prompt, params, limit, (seed + i) & 0x7FFFFFFF))
+                uid = next(self._uids) % (2**31 - 1) + 1
+                self.waiting.append(_Slot(handle, i, prompt, params, limit, (seed + i) & 0x7FFFFFFF, uid))
             self._lock.notify()
         return handle
 
@@ -386,17 +430,58 @@ class Engine:
                 self.slots[i] = self.waiting.pop(0)
 
     def step(self) -> None:
-        """One prefill chunk (if any slot is reading its prompt) and one decode step (if any is decoding)."""
+        """Prompt chunks (for up to ``prefill_rows`` slots) and one decode step (if any slot is decoding).
+
+        Every slot writes at the shared index ``self.index``: a decode step writes one token
+        per slot there (segment 0 for slots not decoding: never read), and a slot starting its
+        prompt gets the ``ceil(n / chunk)`` chunks before the index, its own dead entries
+        (its earlier requests' segment ids match no one). Slots that start together with equal
+        chunk counts share those positions and are prefilled together.
+        """
         for i, slot in enumerate(self.slots):
             if slot is not None and slot.handle.cancelled:
                 self._finish(i, "abort")
-        prefilling = [i for i, s in enumerate(self.slots) if s is not None and s.prefilling]
-        if prefilling:
-            self._prefill(prefilling[: self.buckets[-1]])
+        for start, rows in self._prefill_groups():
+            self._prefill(start, rows)
         decoding = [i for i, s in enumerate(self.slots) if s is not None and s.pending is not None]
         if decoding:
             self._decode(decoding)
         self.steps += 1
+
+    def _prefill_groups(self) -> list[tuple[int, list[int]]]:
+        """This step's prompt chunks: ``(cache position, slots)``, slots that started first first."""
+        live = [(i, s) for i, s in enumerate(self.slots) if s is not None and s.prefilling]
+        live = sorted(live, key=lambda item: item[1].region is None)[: self.buckets[-1]]
+        for _, slot in live:
+            if slot.region is None:
+                need = _round_up(len(slot.prompt), self.chunk)
+                if self.index < need:  # the other slots skip the positions in between
+                    self._set_index(need)
+                slot.region = self.index - need
+        groups: dict[int, list[int]] = {}
+        for i, slot in live:
+            offset = slot.region + _round_up(slot.filled, self.chunk) if slot.filled else slot.region
+            groups.setdefault(offset, []).append(i)
+        return sorted(groups.items())
+
+    def _set_index(self, index: int) -> None:
+        self.index = index
+        self.cache = {**self.cache, "index": jnp.int32(index)}
+
+    def _make_room(self) -> None:
+        """Compacts the cache when no position is left for a decode step."""
+        if self.index < self.length:
+            return
+        starts = [s.region for s in self.slots if s is not None and s.region is not None]
+        shift = self.index - min(starts, default=self.index)
+        if shift == 0:
+            raise RuntimeError("KV cache full: no slot can be moved (a bug: the cache length covers a whole request)")
+        self.cache = _compact(self.cache, np.int32(shift))
+        self.index -= shift
+        self.compactions += 1
+        for slot in self.slots:
+            if slot is not None and slot.region is not None:
+                slot.region -= shift
 
     def _sampling(self, rows: Sequence[int]) -> tuple[np.ndarray, ...]:
         slots = [self.slots[i] if i < self.max_batch else None for i in rows]
@@ -407,53 +492,41 @@ class Engine:
             np.array([p.top_p for p in params], np.float32),
             np.array([s.seed if s else 0 for s in slots], np.uint32),
             np.array([len(s.generated) if s else 0 for s in slots], np.int32),
+            np.bool_(any(s is not None and s.params.logprobs for s in slots)),
         )
 
-    def _prefill(self, rows: list[int]) -> None:
+    def _prefill(self, start: int, rows: list[int]) -> None:
+        """One chunk for each of ``rows`` at cache position ``start``; a first chunk is left-padded."""
         p = next(b for b in self.buckets if b >= len(rows))
         padded = rows + [self.max_batch] * (p - len(rows))
         c = self.chunk
-        tokens = np.zeros((p, c), np.int32)
-        positions = np.zeros((p, c), np.int32)
-        segment_ids = np.zeros((p, c), np.int32)
-        starts = np.zeros((p,), np.int32)
-        last = np.zeros((p,), np.int32)
+        tokens, positions, segment_ids = (np.zeros((p, c), np.int32) for _ in range(3))
         for j, i in enumerate(rows):
             slot = self.slots[i]
-            part = slot.prompt[slot.filled : slot.filled + c]
-            tokens[j, : len(part)] = part
-            positions[j, : len(part)] = np.arange(slot.filled, slot.filled + len(part))
-            segment_ids[j, : len(part)] = 1
-            starts[j], last[j] = slot.filled, len(part) - 1
+            pad = _round_up(len(slot.prompt), c) - len(slot.prompt) if slot.filled == 0 else 0
+            part = slot.prompt[slot.filled : slot.filled + c - pad]
+            tokens[j, pad:] = part
+            positions[j, pad:] = np.arange(slot.filled, slot.filled + len(part))
+            segment_ids[j, pad:] = slot.uid
             slot.filled += len(part)
-        self.cache, picked = _prefill_step(
-            self.graphdef,
-            self.state,
-            self.cache,
-            np.array(padded, np.int32),
-            tokens,
-            positions,
-            segment_ids,
-            starts,
-            last,
-            self._sampling(padded),
+        cache = {**self.cache, "index": jnp.int32(start)}
+        sampling = self._sampling(padded)
+        cache, picked = _prefill_step(
+            self.graphdef, self.state, cache, np.array(padded, np.int32), tokens, positions, segment_ids, sampling
         )
-        self._deliver([i for i in rows if not self.slots[i].prefilling], rows, picked)
+        self.cache = {**cache, "index": jnp.int32(self.index)}
+        self._deliver([i for i in rows if not self.slots[i].prefilling], padded, picked)
 
     def _decode(self, rows: list[int]) -> None:
-        tokens = np.zeros((self.max_batch,), np.int32)
-        starts = np.zeros((self.max_batch,), np.int32)
+        self._make_room()
+        tokens, positions, segment_ids = (np.zeros((self.max_batch,), np.int32) for _ in range(3))
         for i in rows:
             slot = self.slots[i]
-            tokens[i], starts[i] = slot.pending, slot.filled
-        # Slots that are idle or reading their prompt write a token at their index too: a later
-        # write (their next chunk, or a new request from position 0) replaces it before it is read.
-        for i, slot in enumerate(self.slots):
-            if slot is not None and i not in rows:
-                starts[i] = slot.filled
+            tokens[i], positions[i], segment_ids[i] = slot.pending, slot.filled, slot.uid
         self.cache, picked = _decode_step(
-            self.graphdef, self.state, self.cache, tokens, starts, self._sampling(range(self.max_batch))
+            self.graphdef, self.state, self.cache, tokens, positions, segment_ids, self._sampling(range(self.max_batch))
         )
+        self.index += 1
         for i in rows:
             self.slots[i].filled += 1
         self._deliver(rows, range(self.max_batch), picked)
