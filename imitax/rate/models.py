@@ -79,9 +79,7 @@ class Answer(Base):
 
 class Item(Base):
     __tablename__ = "items"
-    __table_args__ = (
-        CheckConstraint("expected IN ('a', 'b')", name="expected_side"),
-    )
+    __table_args__ = (CheckConstraint("expected IN ('a', 'b')", name="expected_side"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
