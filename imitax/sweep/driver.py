@@ -69,12 +69,12 @@ def run(
     if cells and leases is not None:
         _refuse_leased(resolved(config, workdir), workdir, chosen, leases, cells)
     with contextlib.ExitStack() as stack:
+        if leases is not None:  # entered first, left last: no lease is given up while its cell still runs
+            stack.enter_context(leases)
         runner = stack.enter_context(_executor(executor, ray_address, cell_resources, max_concurrent_cells, retries))
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
         local.check_workdir(config, workdir, allow_config_change)
-        if leases is not None:
-            stack.enter_context(leases)
         if config.world:
             local.build_world(config, workdir, log, leases)
         _, tasks = validate_and_build(config, workdir)
@@ -132,6 +132,7 @@ class _Schedule:
         self.failed: list[str] = []
         self.seconds: list[float] = []
         self.ran = 0
+        self.most_at_once = 0  # the most steps in flight together
         self.start = time.perf_counter()
 
     def _tag(self, step: Step) -> str:
@@ -148,7 +149,7 @@ class _Schedule:
                     self.log(f"{self._tag(step)}: preempted (SIGTERM); rerun the same command to resume")
                     return {"preempted": True, "cells": self.total}
                 self._finished(step, outcome, seconds)
-        return {"cells": self.total, "ran": self.ran, "failed": self.failed}
+        return {"cells": self.total, "ran": self.ran, "failed": self.failed, "most_at_once": self.most_at_once}
 
     def _start_ready(self) -> bool:
         started = False
@@ -177,6 +178,7 @@ class _Schedule:
                 self.log(f"{self._tag(step)}: {action}{' (resuming)' if resuming else ''}")
             self.running[step.id] = time.perf_counter()
             self.runner.submit(step)
+            self.most_at_once = max(self.most_at_once, len(self.running))
             started = True
         return started
 
