@@ -158,7 +158,7 @@ def study(tmp_path_factory):
     from fastapi.testclient import TestClient
 
     engine = open_database(f"sqlite:///{tmp_path_factory.mktemp('rate')}/ratings.db")
-    tokens = store.create_study(engine, _spec("refusals", prompts=4, raters=3, attention=0))
+    tokens = store.create_study(engine, _spec("refusals", prompts=4, raters=3, attention=1))
     with TestClient(create_app(engine)) as client:
         yield engine, tokens, client
     engine.dispose()
@@ -184,6 +184,9 @@ def test_api_refusals_store_nothing(study):
     refused(401, json=ok, headers=_bearer("x" * 43))  # unknown token
     refused(401, json=ok, headers=_bearer(tokens.admin))  # the admin token is no rater's
     refused(403, json=ok, headers=_bearer(other))  # an item of another rater
+    with Session(engine) as session:
+        check = session.scalar(select(Item.id).where(Item.expected.is_not(None)))
+    refused(403, json={**ok, "item_id": check}, headers=_bearer(mine))  # an attention check not shown yet
     refused(422, json={**ok, "choice": "A is better"}, headers=_bearer(mine))
     refused(422, json={"item_id": item}, headers=_bearer(mine))
     refused(422, json={**ok, "reason": "x" * (store.MAX_REASON + 1)}, headers=_bearer(mine))

@@ -127,7 +127,9 @@ class Assignment(Base):
     rater_id: Mapped[int] = mapped_column(ForeignKey("raters.id"))
     slot: Mapped[int | None]  # regular items: which of the item's per_item judgments this is
     due: Mapped[int | None]  # attention checks: shown once the rater has judged this many regular items
-    assigned_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When the item was handed out: claimed (regular items) or first shown (attention checks, which
+    # are assigned in advance and stay None until then: they cannot be judged unseen).
+    shown_at: Mapped[datetime.datetime | None] = mapped_column(DateTime(timezone=True))
     item: Mapped[Item] = relationship()
     rater: Mapped[Rater] = relationship()
     judgment: Mapped[Judgment | None] = relationship(back_populates="assignment")

@@ -344,7 +344,7 @@ def _claim(session: Session, rater: Rater, study: Study) -> Assignment | None:
         item = session.scalars(query.with_for_update()).first()
     if item is None:
         return None
-    assignment = Assignment(item=item, rater=rater, slot=item.assigned)
+    assignment = Assignment(item=item, rater=rater, slot=item.assigned, shown_at=utcnow())
     item.assigned += 1
     session.add(assignment)
     session.flush()
@@ -352,7 +352,14 @@ def _claim(session: Session, rater: Rater, study: Study) -> Assignment | None:
 
 
 def _next_assignment(session: Session, rater: Rater) -> Assignment | None:
-    """What the rater works on next: the item left open, a due attention check, or a new item."""
+    """What the rater works on next (marked shown): the item left open, a due attention check, or a new item."""
+    assignment = _pick(session, rater)
+    if assignment is not None and assignment.shown_at is None:
+        assignment.shown_at = utcnow()
+    return assignment
+
+
+def _pick(session: Session, rater: Rater) -> Assignment | None:
     regular_done = _tally(session, rater.id)[0]
     open_ = session.scalars(_open(rater.id)).all()
     for assignment in open_:  # resume (a reload, a lost connection)
@@ -412,7 +419,7 @@ def rate(engine: Engine, token: str, item_id: int, choice: str, reason: str = ""
             .where(Assignment.rater_id == rater.id, Assignment.item_id == item_id)
             .options(joinedload(Assignment.judgment))
         ).first()
-        if assignment is None:
+        if assignment is None or assignment.shown_at is None:  # not this rater's, or not shown yet
             raise Forbidden
         if assignment.judgment is not None:
             if (assignment.judgment.choice, assignment.judgment.reason) == (choice, reason):
@@ -533,8 +540,5 @@ def _row(judgment: Judgment) -> dict:
         "expected": item.expected or "",
         "reason": judgment.reason,
         "created_at": judgment.created_at.isoformat(),
-        # From the moment the item was handed out (attention checks are assigned in advance: none).
-        "seconds": ""
-        if attention
-        else round((judgment.created_at - judgment.assignment.assigned_at).total_seconds(), 1),
+        "seconds": round((judgment.created_at - judgment.assignment.shown_at).total_seconds(), 1),
     }
