@@ -93,6 +93,7 @@ def main(argv):
         sock.bind((_HOST.value, _PORT.value))  # bound here so that --port=0 can print the port it got
     except OSError as e:
         _fail(f"cannot listen on {_HOST.value}:{_PORT.value}: {e.strerror}; pick another --port or --host")
+    sock.listen(2048)  # connections queue from now on, so the line below means "ready"
     port = sock.getsockname()[1]
     print(f"serving {server_app.state.model_name!r} on http://{_HOST.value}:{port}/v1", flush=True)
     # uvicorn handles SIGTERM and SIGINT: it stops accepting, waits for the requests in flight, then

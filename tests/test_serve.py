@@ -346,6 +346,13 @@ def test_api_key_is_required(server):
     assert _post(server, "/completions", GOOD).status_code == 200
 
 
+def test_programs_compiled_once_at_start(server):
+    """Every request so far (prompt lengths 2-40, 1-12 choices, greedy and sampled) ran the programs warmup compiled."""
+    health = httpx.get(server[1].removesuffix("/v1") + "/health").json()
+    assert health["compiled"] == len(health["programs"]) == 5  # decode, compact, prefill at 1, 2 and 4 rows
+    assert health["compactions"] >= 1 and health["in_flight"] == 0
+
+
 def test_bad_flags_are_one_line_and_exit_1(model_dir, tmp_path):
     env = subprocess_env(1)
     env.pop("NO_SUCH_KEY_VAR", None)

@@ -189,6 +189,8 @@ def create_app(
             "in_flight": engine.in_flight(),
             "steps": engine.steps,
             "compactions": engine.compactions,
+            "programs": engine.programs,
+            "compiled": engine.compiled(),
         }
 
     @app.get("/v1/models")

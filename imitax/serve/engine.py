@@ -225,36 +225,37 @@ def _pick(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b, want_to
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _prefill_step(graphdef, state, cache, rows_p, tokens_pc, positions_pc, segment_ids_pc, sampling):
-    """One prompt chunk for the slots ``rows_p``, written at ``cache["index"]`` (a row equal to the batch size is
-    padding: never written); picks a token from each chunk's last position (used where it ends a prompt)."""
+def _prefill_step(graphdef, state, cache, index, rows_p, tokens_pc, positions_pc, segment_ids_pc, sampling):
+    """One prompt chunk for the slots ``rows_p``, written at cache position ``index`` (a row equal to the batch
+    size is padding: never written); picks a token from each chunk's last position (used where it ends a prompt)."""
     model = nnx.merge(graphdef, state)
     sub = {name: jnp.take(cache[name], rows_p, axis=_SLOT_AXIS[name], mode="clip") for name in _SLOT_AXIS}
-    h_pce, sub = model.hidden(tokens_pc, positions_pc, segment_ids_pc, {**sub, "index": cache["index"]})
+    h_pce, sub = model.hidden(tokens_pc, positions_pc, segment_ids_pc, {**sub, "index": index})
     picked = _pick(model.logits(h_pce[:, -1:])[:, 0], *sampling)
     new = {
         name: cache[name].at[(slice(None),) * axis + (rows_p,)].set(sub[name], mode="drop")
         for name, axis in _SLOT_AXIS.items()
     }
-    return {**new, "index": cache["index"]}, picked
+    return new, picked
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _decode_step(graphdef, state, cache, tokens_b, positions_b, segment_ids_b, sampling):
-    """Every slot writes one token at ``cache["index"]`` (segment 0 where it is not decoding) and picks the next."""
+def _decode_step(graphdef, state, cache, index, tokens_b, positions_b, segment_ids_b, sampling):
+    """Every slot writes one token at ``index`` (segment 0 where it is not decoding) and picks the next."""
     model = nnx.merge(graphdef, state)
+    cache = {**cache, "index": index}
     logits_b1v, cache = model.extend(tokens_b[:, None], cache, positions_b[:, None], segment_ids_b[:, None])
-    return constrain_cache(cache), _pick(logits_b1v[:, 0], *sampling)
+    cache = constrain_cache(cache)
+    return {name: cache[name] for name in _SLOT_AXIS}, _pick(logits_b1v[:, 0], *sampling)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _compact(cache, shift):
+def _compact(cache, index, shift):
     """Moves every slot's cache positions ``shift`` to the left; what wraps around is marked padding."""
-    index = cache["index"] - shift
     new = {name: jnp.roll(cache[name], -shift, axis=axis) for name, axis in _POSITION_AXIS.items()}
     length = new["segment_ids"].shape[1]
-    new["segment_ids"] = jnp.where(jnp.arange(length)[None] < index, new["segment_ids"], 0)
-    return {**new, "index": index}
+    new["segment_ids"] = jnp.where(jnp.arange(length)[None] < index - shift, new["segment_ids"], 0)
+    return new
 
 
 # -- the engine -------------------------------------------------------------------------------------
@@ -309,8 +310,14 @@ class Engine:
         # output; the headroom past that sets how often the cache is compacted.
         span = self.max_len + self.chunk + -(-self.max_len // self.chunk)
         self.length = span + (max(64, self.max_len // 4) if headroom is None else max(1, headroom))
-        self.cache = model.init_cache(max_batch, self.length)
-        self.index = 0  # the next write position, shared by every slot (a copy of cache["index"])
+        cache = model.init_cache(max_batch, self.length)
+        # Committed to where the parameters are, as the programs' outputs are: the first request
+        # then finds the programs that warmup compiled (an uncommitted input is another signature).
+        where = jax.tree.leaves(self.state)[0].sharding
+        if not isinstance(where, jax.sharding.SingleDeviceSharding):
+            where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+        self.cache = jax.device_put({name: cache[name] for name in _SLOT_AXIS}, where)
+        self.index = 0  # the next write position, shared by every slot (passed to the programs)
         self._uids = itertools.count(1)
         self.slots: list[_Slot | None] = [None] * max_batch
         self.waiting: list[_Slot] = []
@@ -321,8 +328,13 @@ class Engine:
 
     @property
     def programs(self) -> list[str]:
-        """The compiled programs the engine runs (one decode, one prefill per row bucket)."""
-        return ["decode"] + [f"prefill rows={p} chunk={self.chunk}" for p in self.buckets]
+        """The compiled programs the engine runs (decode, compaction, a prefill per row bucket)."""
+        return ["decode", "compact"] + [f"prefill rows={p} chunk={self.chunk}" for p in self.buckets]
+
+    @staticmethod
+    def compiled() -> int:
+        """How many programs the engine functions have compiled in this process (every engine in it)."""
+        return sum(f._cache_size() for f in (_prefill_step, _decode_step, _compact))
 
     def warmup(self) -> None:
         """Compiles every program before the first request; writes nothing any request will read."""
@@ -330,7 +342,7 @@ class Engine:
             rows = [self.max_batch] * p
             zeros = np.zeros((p, self.chunk), np.int32)
             self.cache, _ = _prefill_step(
-                self.graphdef, self.state, self.cache, np.array(rows, np.int32), zeros, zeros, zeros,
+                self.graphdef, self.state, self.cache, np.int32(0), np.array(rows, np.int32), zeros, zeros, zeros,
                 self._sampling(rows),
             )  # fmt: skip
         zeros = np.zeros((self.max_batch,), np.int32)  # segment 0 everywhere, then moved back
@@ -338,12 +350,13 @@ class Engine:
             self.graphdef,
             self.state,
             self.cache,
+            np.int32(0),
             zeros,
             zeros,
             zeros,
             self._sampling([self.max_batch] * self.max_batch),
         )
-        self.cache = _compact(self.cache, np.int32(1))
+        self.cache = _compact(self.cache, np.int32(1), np.int32(1))
         jax.block_until_ready(picked)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -456,17 +469,13 @@ class Engine:
             if slot.region is None:
                 need = _round_up(len(slot.prompt), self.chunk)
                 if self.index < need:  # the other slots skip the positions in between
-                    self._set_index(need)
+                    self.index = need
                 slot.region = self.index - need
         groups: dict[int, list[int]] = {}
         for i, slot in live:
             offset = slot.region + _round_up(slot.filled, self.chunk) if slot.filled else slot.region
             groups.setdefault(offset, []).append(i)
         return sorted(groups.items())
-
-    def _set_index(self, index: int) -> None:
-        self.index = index
-        self.cache = {**self.cache, "index": jnp.int32(index)}
 
     def _make_room(self) -> None:
         """Compacts the cache when no position is left for a decode step."""
@@ -476,7 +485,7 @@ class Engine:
         shift = self.index - min(starts, default=self.index)
         if shift == 0:
             raise RuntimeError("KV cache full: no slot can be moved (a bug: the cache length covers a whole request)")
-        self.cache = _compact(self.cache, np.int32(shift))
+        self.cache = _compact(self.cache, np.int32(self.index), np.int32(shift))
         self.index -= shift
         self.compactions += 1
         for slot in self.slots:
@@ -509,12 +518,10 @@ class Engine:
             positions[j, pad:] = np.arange(slot.filled, slot.filled + len(part))
             segment_ids[j, pad:] = slot.uid
             slot.filled += len(part)
-        cache = {**self.cache, "index": jnp.int32(start)}
-        sampling = self._sampling(padded)
-        cache, picked = _prefill_step(
-            self.graphdef, self.state, cache, np.array(padded, np.int32), tokens, positions, segment_ids, sampling
-        )
-        self.cache = {**cache, "index": jnp.int32(self.index)}
+        self.cache, picked = _prefill_step(
+            self.graphdef, self.state, self.cache, np.int32(start), np.array(padded, np.int32), tokens, positions,
+            segment_ids, self._sampling(padded),
+        )  # fmt: skip
         self._deliver([i for i in rows if not self.slots[i].prefilling], padded, picked)
 
     def _decode(self, rows: list[int]) -> None:
@@ -524,8 +531,9 @@ class Engine:
             slot = self.slots[i]
             tokens[i], positions[i], segment_ids[i] = slot.pending, slot.filled, slot.uid
         self.cache, picked = _decode_step(
-            self.graphdef, self.state, self.cache, tokens, positions, segment_ids, self._sampling(range(self.max_batch))
-        )
+            self.graphdef, self.state, self.cache, np.int32(self.index), tokens, positions, segment_ids,
+            self._sampling(range(self.max_batch)),
+        )  # fmt: skip
         self.index += 1
         for i in rows:
             self.slots[i].filled += 1
