@@ -3,7 +3,7 @@
 Retries are the ``openai`` client's own (``max_retries``): exponential backoff from 0.5 s up to
 8 s with up to 25% jitter on 408, 409, 429, 5xx, timeouts and dropped connections, honouring the
 server's ``Retry-After`` (up to two minutes). What is still failing after them is a *final failure*:
-appended to the failures file (``{"id", "error", "status", "at"}``) and asked for again on the next run.
+appended to the failures file (``{"id", "error", "status"}``) and asked for again on the next run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import openai
@@ -54,9 +54,16 @@ class RateLimiter:
     Hand-written because the one kept async limiter (``aiolimiter``) is not a dependency and limits
     one quantity; a request here must wait until both its request and its estimated tokens fit.
     A limit of 0 is no limit; a request larger than the whole token budget waits for a full bucket.
+    ``clock`` and ``sleep`` are the time source and the wait (the tests pass ones that jump).
     """
 
-    def __init__(self, rpm: float = 0, tpm: float = 0, clock: Callable[[], float] = time.monotonic, sleep=None):
+    def __init__(
+        self,
+        rpm: float = 0,
+        tpm: float = 0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+    ):
         if rpm < 0 or tpm < 0:
             raise ValueError(f"--rpm and --tpm must be >= 0 (0: no limit), got {rpm} and {tpm}")
         self.limits = (float(rpm), float(tpm))
@@ -156,6 +163,8 @@ class Teacher:
             ) from None
         except openai.NotFoundError:
             served = []  # an endpoint without /v1/models: the model must be named
+        except openai.APIStatusError as e:
+            raise TeacherError(f"{self.base_url} failed to list its models ({describe(e)[0]})") from None
         if self.model is None:
             if len(served) != 1:
                 listed = f"it serves {', '.join(served)}" if served else "it does not list its models"
@@ -175,6 +184,8 @@ class Teacher:
             response = await self._client.chat.completions.create(
                 model=self.model, messages=messages, **self.sampling.request()
             )
+            if not response.choices:
+                raise ValueError(f"the teacher's reply has no choices: {response.model_dump_json()[:200]}")
             choice = response.choices[0]
             answers.append(choice.message.content or "")
             finish.append(choice.finish_reason)

@@ -10,6 +10,7 @@ else is ever rewritten, so a record once complete is never lost or duplicated.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from typing import IO, Any
@@ -57,15 +58,29 @@ def _record_id(line: bytes) -> str | None:
 
 
 class Store:
-    """Appends records to a JSON Lines file, one flushed line each (see the module docstring)."""
+    """Appends records to a JSON Lines file, one flushed line each (see the module docstring).
+
+    The file is locked (``flock``, released when the process ends, however it ends) while a store
+    is open, so a second collection into the same file is refused instead of duplicating records.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self.done, good = scan(self.path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if os.path.exists(self.path) and os.path.getsize(self.path) > good:
-            os.truncate(self.path, good)  # the torn last line of a killed run
         self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.done, good = scan(self.path)
+        except BlockingIOError:
+            self._file.close()
+            raise StoreError(
+                f"{self.path} is being written by another collection; wait for it or pick another file"
+            ) from None
+        except BaseException:
+            self._file.close()
+            raise
+        if os.path.getsize(self.path) > good:
+            os.truncate(self.path, good)  # the torn last line of a killed run
 
     def append(self, record: dict[str, Any]) -> None:
         if record["id"] in self.done:
