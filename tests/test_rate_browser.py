@@ -110,6 +110,7 @@ def test_rater_in_a_browser_rates_five_items_and_the_export_holds_them(browser, 
 
     driver = browser
     find = lambda css: driver.find_element(By.CSS_SELECTOR, css)
+    driver.set_window_size(390, 844)  # a phone, until the reload
     driver.get(study["link"])
     assert "Which answer is better?" in find("h1").text and "random order" in find("#instructions").text
 
@@ -129,6 +130,7 @@ def test_rater_in_a_browser_rates_five_items_and_the_export_holds_them(browser, 
 
     find("#start").click()
     wait_for(lambda: driver.find_elements(By.ID, "answer-a"))
+    _screenshot(driver, tmp_path, "rate_item_phone.png")
 
     # (how, key or button, reason): items 1-2 by mouse, a reload, items 3-5 by keyboard.
     plan = [("mouse", "#choose-a", "A explains the time"), ("mouse", "#choose-tie", ""), ("reload", None, None),
@@ -138,6 +140,7 @@ def test_rater_in_a_browser_rates_five_items_and_the_export_holds_them(browser, 
         if how == "reload":
             before = current()
             assert progress() == "2 of 5 done"
+            driver.set_window_size(1200, 1000)
             driver.refresh()
             assert current() == before and progress() == "2 of 5 done"  # resumes on the same item
             continue
@@ -162,7 +165,7 @@ def test_rater_in_a_browser_rates_five_items_and_the_export_holds_them(browser, 
         wait_for(lambda shown=item["item"]: driver.find_elements(By.ID, "done") or current()["item"] != shown)
     assert find("#done").text == "Thank you!"
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
-    driver.set_window_size(390, 844)  # a phone
+    driver.set_window_size(390, 844)
     driver.get(study["admin"])
     assert "5 of 5 judgments" in find("#study-progress").text
     _screenshot(driver, tmp_path, "rate_admin_phone.png")
