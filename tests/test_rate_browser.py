@@ -79,7 +79,10 @@ def study(tmp_path_factory):
     assert created.returncode == 0, created.stderr
     (link,) = re.findall(r"^rater r001: (\S+)$", created.stdout, re.M)
     (admin,) = re.findall(r"^admin: (\S+)$", created.stdout, re.M)
-    server = subprocess.Popen([sys.executable, f"{ROOT}/scripts/rate.py", "serve", f"--db={db}", f"--port={port}"])
+    # Two worker processes: resuming and the forms' CSRF key must not depend on which one answers.
+    server = subprocess.Popen(
+        [sys.executable, f"{ROOT}/scripts/rate.py", "serve", f"--db={db}", f"--port={port}", "--workers=2"]
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
