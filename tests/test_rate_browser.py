@@ -79,7 +79,7 @@ def study(tmp_path_factory):
     assert created.returncode == 0, created.stderr
     (link,) = re.findall(r"^rater r001: (\S+)$", created.stdout, re.M)
     (admin,) = re.findall(r"^admin: (\S+)$", created.stdout, re.M)
-    # Two worker processes: resuming and the forms' CSRF key must not depend on which one answers.
+    # Two worker processes, as a deployment runs them (which one answers a request is up to the kernel).
     server = subprocess.Popen(
         [sys.executable, f"{ROOT}/scripts/rate.py", "serve", f"--db={db}", f"--port={port}", "--workers=2"]
     )
