@@ -224,7 +224,11 @@ def test_forms_need_the_csrf_token_of_their_session(study):
     assert not store.has_started(engine, token)
     client.cookies.clear()
     client.cookies.set("imitax_session", cookie)
-    assert client.post(f"/r/{token}/start", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+    # Another server process over the same database accepts the form: the signing key is shared.
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(engine), cookies={"imitax_session": cookie}) as another:
+        assert another.post(f"/r/{token}/start", data={"csrf": csrf}, follow_redirects=False).status_code == 303
     page = client.get(f"/r/{token}")
     item = int(page.text.split('name="item_id" value="')[1].split('"')[0])
     assert not any(s in page.text for s in SYSTEMS)  # blinded
