@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
@@ -89,23 +90,35 @@ def percentile(values: list[float], q: float) -> float:
 # -- transformers --------------------------------------------------------------------------------
 
 
+class _Clock(BaseStreamer):
+    """Records when ``generate`` hands over each new token (its first call is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def torch_run(model, prompts: list[list[int]], batch: int, new_tokens: int) -> dict:
-    """Greedy generate over ``prompts`` in batches (all the same length: no padding); TTFT from a 1-token run."""
+    """Greedy generate over ``prompts`` in batches (all the same length: no padding), each token timed."""
     ttft, tpot, total, wall = [], [], 0, 0.0
     for i in range(0, len(prompts), batch):
         ids = torch.tensor(prompts[i : i + batch])
-        kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        clock = _Clock()
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-            t1 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            t2 = time.perf_counter()
-        assert out.shape[1] == ids.shape[1] + new_tokens
-        ttft += [t1 - t0] * len(ids)
-        tpot += [(t2 - t1 - (t1 - t0)) / (new_tokens - 1)] * len(ids)
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None, streamer=clock)  # fmt: skip
+            wall += time.perf_counter() - start
+        assert out.shape[1] == ids.shape[1] + new_tokens and len(clock.times) == new_tokens + 1
+        first, last = clock.times[1], clock.times[-1]
+        ttft += [first - start] * len(ids)
+        tpot += [(last - first) / (new_tokens - 1)] * len(ids)
         total += len(ids) * new_tokens
-        wall += t2 - t1  # the full runs only: the 1-token runs measure TTFT
     return {"tokens": total, "wall": wall, "ttft": ttft, "tpot": tpot, "requests": len(prompts)}
 
 
