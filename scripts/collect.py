@@ -21,9 +21,9 @@ import asyncio
 import os
 import sys
 
-# Loading a local teacher goes through transformers, which imports torch whenever it is installed
-# (seconds and hundreds of MB) though imitax does not need it; see scripts/evaluate.py.
-sys.modules.setdefault("torch", None)
+# Unlike scripts/evaluate.py, torch is not blocked here: hf:NAME:SPLIT prompt sources go through
+# datasets, whose fingerprinting imports torch whenever "torch" is in sys.modules (a None entry
+# there makes it fail).
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

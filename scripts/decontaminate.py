@@ -14,7 +14,8 @@ records overlap which items. See imitax/data/decontaminate.py for the matching r
 import os
 import sys
 
-sys.modules.setdefault("torch", None)  # the benchmark loaders import transformers; see scripts/evaluate.py
+# torch is not blocked as in scripts/evaluate.py: hf:NAME:SPLIT data goes through datasets, whose
+# fingerprinting imports torch whenever "torch" is in sys.modules (a None entry makes it fail).
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from absl import app, flags, logging  # noqa: E402

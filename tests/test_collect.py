@@ -367,13 +367,17 @@ def test_nq_synthetic_recipe_writes_training_and_nq_files(tmp_path):
 
 
 def test_api_key_from_the_environment_only_and_never_written(tmp_path):
+    """Also reads a hub-style source (``hf:DIR:SPLIT``, a local dataset directory, through ``datasets``)."""
     app = fake_teacher_app(key=SECRET)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "k", "prompt": "keyed prompt"}])
+    (tmp_path / "hub").mkdir()
+    write_jsonl(tmp_path / "hub" / "train.jsonl", [{"id": "h", "prompt": "from the hub"}])
     out = tmp_path / "out.jsonl"
     with running(app) as url:
-        args = (f"--teacher={url}", f"--prompts={prompts}", f"--out={out}", "--noprogress", "--api_key_env=MY_KEY")
+        args = (f"--teacher={url}", f"--prompts={prompts},hf:{tmp_path / 'hub'}:train", f"--out={out}",
+                "--noprogress", "--api_key_env=MY_KEY")  # fmt: skip
         missing = run_script(*args)
-        done = run_script(*args, env={"MY_KEY": SECRET})
+        done = run_script(*args, env={"MY_KEY": SECRET, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")})
         with pytest.raises(TeacherError, match="refused the API key") as refused:
             asyncio.run(Teacher(url, api_key="wrong", max_retries=0).check())
     assert (
@@ -384,7 +388,8 @@ def test_api_key_from_the_environment_only_and_never_written(tmp_path):
     assert done.returncode == 0, done.stderr
     written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
     assert SECRET not in written + done.stdout + done.stderr
-    assert store.read(out)[0]["conversations"][1]["value"] == "answer 0: prompt keyed"
+    answers = {r["id"]: r["conversations"][1]["value"] for r in store.read(out)}
+    assert answers == {"k": "answer 0: prompt keyed", "h": "answer 0: hub the from"}
 
 
 def test_bad_input_is_one_line_and_keeps_what_was_collected(teacher, tmp_path):
