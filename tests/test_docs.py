@@ -51,7 +51,16 @@ import train_helpers as th
 from ml_collections.config_flags import config_flags
 
 ROOT = th.ROOT
-DOCS = ("README.md", "benchmarks/README.md", "docs/design.md", "docs/study.md")
+DOCS = (
+    "README.md",
+    "benchmarks/README.md",
+    "docs/design.md",
+    "docs/study.md",
+    "docs/collecting.md",
+    "docs/judging.md",
+    "docs/rating.md",
+    "docs/launch.md",
+)
 # The repository's own top-level directories: a path starting with one of them must exist.
 REPO_DIRS = ("scripts", "benchmarks", "configs", "tests", "docs", "imitax", ".ci")
 SCRIPT_DIRS = ("scripts", "benchmarks")
