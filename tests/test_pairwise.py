@@ -199,3 +199,16 @@ def test_bad_input(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "judge: http://127.0.0.1:9/v1 is unreachable" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_references_from_collected_records(tmp_path):
+    """A file scripts/collect.py wrote is a reference file as it is: the first teacher turn, by id."""
+    collected = tmp_path / "collected.jsonl"
+    turns = [{"from": "system", "value": "s"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "first"},
+             {"from": "human", "value": "q2"}, {"from": "gpt", "value": "second"}]  # fmt: skip
+    rows = [{"id": "a", "conversations": turns, "teacher": {"model": "t"}}, {"id": 7, "response": "plain"}]
+    collected.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pairwise.read_references(collected) == {"a": "first", "7": "plain"}
+    collected.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:1]))
+    with pytest.raises(ValueError, match=r"record 2: id 'a' appears twice"):
+        pairwise.read_references(collected)

@@ -154,8 +154,8 @@ def pairwise_metrics(samples: Sequence[dict[str, Any]]) -> tuple[dict[str, float
     return values, stderr
 
 
-def _first_turn(record: Any, where: str, role: str) -> tuple[str | None, str]:
-    """``(system, text)`` of a record's first ``role`` turn, through the trainer's parsers."""
+def _first_turn(record: Any, where: str, role: str) -> str:
+    """The text of a record's first ``role`` turn, through the trainer's parsers."""
     from imitax.data import formats
 
     try:
@@ -165,7 +165,7 @@ def _first_turn(record: Any, where: str, role: str) -> tuple[str | None, str]:
     for conversation in conversations:
         for turn_role, text in conversation.turns:
             if turn_role == role:
-                return conversation.system, text
+                return text
     raise ValueError(f"{where}: no {role} turn")
 
 
@@ -184,7 +184,7 @@ def read_references(path: str | pathlib.Path) -> dict[str, str]:
         if not isinstance(record, dict) or not isinstance(record.get("id"), str | int):
             raise ValueError(f"{where}: needs an id")
         response = record.get("response")
-        text = response if isinstance(response, str) else _first_turn(record, where, TEACHER)[1]
+        text = response if isinstance(response, str) else _first_turn(record, where, TEACHER)
         if str(record["id"]) in out:
             raise ValueError(f"{where}: id {record['id']!r} appears twice")
         out[str(record["id"])] = text
