@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imitax.rate import store
 from imitax.rate.models import Setting, open_database
@@ -179,14 +180,15 @@ def create_app(db: str | Engine):
     def conflict(request: Request, _exc):
         return _error(request, 409, "You already judged this item differently; your first judgment stands.")
 
-    @app.exception_handler(HTTPException)
-    def http_error(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # also the router's own 404 and 405
+    def http_error(request: Request, exc: StarletteHTTPException):
         return _error(request, exc.status_code, str(exc.detail), exc.headers)
 
     def _error(request: Request, status: int, message: str, headers=None):
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": message}, status_code=status, headers=headers)
-        return page(request, "error.html", status, message=message)
+        token = request.path_params.get("token") if request.url.path.startswith("/r/") else None
+        return page(request, "error.html", status, message=message, back=f"/r/{token}" if token else None)
 
     # ---------------------------------------------------------------- rater pages
 
