@@ -203,6 +203,7 @@ def main(argv):
         max_len = -(-(prompt_len + new_tokens) // 64) * 64
         started = time.perf_counter()
         proc, url = start_server(model_dir, max(clients), max_len)
+        lines.append(f"server ready (load + compile) {time.perf_counter() - started:.1f} s after start")
         try:
             rows, torch_b8 = [], None
             for batch in (int(b) for b in _TORCH_BATCHES.value):
@@ -217,7 +218,6 @@ def main(argv):
 
             while httpx.get(url.removesuffix("/v1") + "/health").status_code != 200:
                 time.sleep(0.5)
-            lines.append(f"server ready (load + compile) {time.perf_counter() - started:.1f} s after start")
             for c in clients:
                 result = asyncio.run(server_level(url, prompts, c, requests, new_tokens))
                 rows.append(row("imitax serve", c, result, torch_b8))
