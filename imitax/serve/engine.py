@@ -1,36 +1,43 @@
 """Continuous batching over the KV cache: requests join and leave a fixed set of cache slots between steps.
 
 >>> engine = Engine(model, tokenizer, max_batch=16, max_len=2048)
->>> engine.start()
->>> handle = engine.submit(prompt_ids, SamplingParams(max_tokens=32))
->>> for event in handle: ...          # Token events, the last one with finish_reason set
+>>> engine.warmup(); engine.start()
+>>> handle = engine.submit(prompt_ids, SamplingParams(max_tokens=32, temperature=0.0))
+>>> for event in handle: ...          # TokenEvents; the last one of each choice has finish_reason set
 >>> engine.stop()
 
-The cache holds ``max_batch`` rows (slots) of ``max_len + chunk`` cache positions each. A
-request (each of its ``n`` choices) takes a free slot, is prefilled in chunks of ``chunk``
-tokens, then decodes one token per step until it stops; its slot is then free for the next
-request. Every step of the engine thread is at most two compiled programs:
+The cache (the model's own layout, ``[layers, slots, kv_heads, positions, head_dim]``) has
+``max_batch`` rows (slots). A request (each of its ``n`` choices) takes a free slot, reads its
+prompt in chunks of ``chunk`` tokens, then decodes one token per step until it stops; its slot
+then takes the next waiting request. Each step of the engine thread runs
 
-* a **prefill** of one chunk for up to ``prefill_rows`` slots that are still reading their
-  prompts (gathered from the cache, run, written back), so a long prompt takes several steps
-  and never stalls the slots that are decoding for more than one chunk's time;
-* a **decode** step of every slot at once (one new token each).
+* a **prefill** of one chunk for each of up to ``prefill_rows`` slots still reading their
+  prompts (those slots gathered from the cache, run, written back), so a long prompt takes
+  several steps and delays the decoding slots by one chunk's time per step, never more;
+* one **decode** step of every slot at once: the model's :meth:`~imitax.models.Transformer.extend`
+  with one token per slot, as :func:`imitax.eval.generate.generate` decodes.
 
-Each slot has its own write index: the model's :meth:`~imitax.models.Transformer.extend`
-(whose cache has one index for its whole batch) is ``vmap``-ed over the slots, each a batch of
-one. A slot's keys are those of its own request only, at their own positions, so a request's
-greedy output does not depend on what else is in flight (up to the float rounding of
-differently batched matrix products). A new request needs no reset of its slot: it writes
-from cache position 0, and attention never reads positions at or past a row's last write.
+All slots write at one shared cache position, the index, which a decode step advances by one
+(slots that are not decoding write a padding entry there). A slot starting a prompt of ``n``
+tokens takes the ``ceil(n / chunk)`` chunks just *before* the index for it (its previous
+request's entries, dead; the first chunk left-padded), so a new prompt costs the other slots no
+positions. Every request has its own segment id, so its attention reads its own entries only:
+nothing is cleared when a slot changes hands, and a request's greedy output does not depend on
+what else is in flight (up to float rounding of sums over differently placed entries). When the
+index reaches the end, the cache is **compacted**: every slot's entries move left by the same
+amount (a roll over the position axis, one pass), which the ``headroom`` positions bound to at
+most once per ``headroom`` steps.
 
-Compiled programs: the decode step (one shape) and the prefill for each row-count bucket (1,
-2, 4, ... up to ``prefill_rows``), all at the fixed chunk length: ``1 + len(buckets)``
-programs, whatever the request mix (:attr:`Engine.programs` lists the buckets).
+Compiled programs: decode, compaction, and a prefill per row-count bucket (1, 2, 4, ... up to
+``prefill_rows``) at the fixed chunk length: ``2 + len(buckets)`` in all, whatever the requests
+(:attr:`Engine.programs`; :meth:`Engine.warmup` compiles them before the first request). The
+index and the sampling settings are arguments, not constants of the programs.
 
 Sampling is per slot (temperature, top-k, top-p, seed), with the filters of
-:mod:`imitax.eval.generate`; the log-probability of each chosen token and the
-:data:`TOP_LOGPROBS` most likely tokens (of the model's own distribution, before
-temperature and filters, as vLLM and the OpenAI API report them) come back with every token.
+:mod:`imitax.eval.generate`; the vocabulary is sorted for the filters only in steps where
+some slot samples with them. Each token comes back with its log-probability and, when some slot
+asks, the :data:`TOP_LOGPROBS` most likely tokens; both are of the model's own distribution,
+before temperature and filters, as vLLM and the OpenAI API report them.
 """
 
 from __future__ import annotations
