@@ -3,9 +3,10 @@
 Raters claim items as they go (``next_item``) rather than from a list fixed in advance, so a study
 fills up however many raters turn up and however fast each one is. Every claim and judgment runs
 in one transaction that first locks the rater's row (one rater's requests take turns) and then the
-item's row (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite has one writer at a time,
-see models._sqlite_setup). Unique constraints back this up: an item's slot, a rater on an item and
-a judgment of an assignment can each exist only once.
+item's row (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, which never waits for an item
+another rater holds; SQLite has one writer at a time, see models._sqlite_setup). Unique
+constraints back this up: an item's slot, a rater on an item and a judgment of an assignment can
+each exist only once.
 
 Tokens are ``secrets.token_urlsafe(32)`` (256 random bits) and only their SHA-256 is stored. A
 plain hash is enough for secrets of that entropy: a slow password hash defends guessable
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 import random
 import secrets
+import time
 from collections.abc import Sequence
 
 from sqlalchemy import Engine, and_, exists, func, select
@@ -323,27 +326,27 @@ def _claim(session: Session, rater: Rater, study: Study) -> Assignment | None:
     """Takes the next free slot of an item this rater has not seen; None when there is none.
 
     Items already started come first (a study stopped early then has complete items). On
-    PostgreSQL, SKIP LOCKED lets concurrent raters pass over an item another one is claiming; if
-    every candidate was locked, the plain FOR UPDATE waits, and PostgreSQL rechecks ``assigned <
-    per_item`` on the row as committed, so a filled item is never handed out.
+    PostgreSQL, ``FOR UPDATE SKIP LOCKED`` passes over items other raters are claiming at this
+    moment, and never waits for a row lock: a transaction that waited for one while holding
+    another (PostgreSQL keeps the lock of a row it locked and then found filled) could deadlock.
+    When every candidate is locked, the claim looks again (each statement sees what was committed
+    since) until one is free or none is left.
     """
     seen = select(Assignment.item_id).where(Assignment.rater_id == rater.id)
-    query = (
-        select(Item)
-        .where(
-            Item.study_id == study.id,
-            Item.expected.is_(None),
-            Item.assigned < study.per_item,
-            Item.id.not_in(seen),
-        )
-        .order_by(Item.assigned.desc(), Item.rank)
-        .limit(1)
+    candidates = select(Item).where(
+        Item.study_id == study.id,
+        Item.expected.is_(None),
+        Item.assigned < study.per_item,
+        Item.id.not_in(seen),
     )
-    item = session.scalars(query.with_for_update(skip_locked=True)).first()
-    if item is None:
-        item = session.scalars(query.with_for_update()).first()
-    if item is None:
-        return None
+    query = candidates.order_by(Item.assigned.desc(), Item.rank).limit(1).with_for_update(skip_locked=True)
+    for attempt in itertools.count():
+        item = session.scalars(query).first()
+        if item is not None:
+            break
+        if not session.scalar(select(candidates.exists())):
+            return None
+        time.sleep(min(0.001 * 2**attempt, 0.05))  # the candidates' claims are committing
     assignment = Assignment(item=item, rater=rater, slot=item.assigned, shown_at=utcnow())
     item.assigned += 1
     session.add(assignment)
