@@ -8,6 +8,9 @@ two choices: examples are packed with segment ids (``--config.data.packing=conca
 study's plain concatenation) and dropout is 0 (the study's 0.05 is ``--config.dropout=0.05``);
 ``configs/paper/finetune.py`` is the recipe with neither exception.
 
+Distillation from an open teacher and LoRA are options of the same config (docs/distillation.md):
+``--config.method=kd|gkd --config.teacher=PATH`` and ``--config.lora.rank=16 --config.lora.alpha=32``.
+
 The argument after the colon is a comma-separated list of ``key=value`` items and flags:
 ``model=NAME`` picks a preset for training from scratch (when ``init_from`` is empty) and
 ``tiny`` shrinks everything to run on a laptop CPU:

@@ -1,7 +1,7 @@
 r"""Writes a teacher's top-k next-token log-probabilities for a run's rows (``--config.kd.cache``).
 
-  python scripts/teacher_logits.py --config=configs/finetune.py --teacher=PATH --data=FILES \
-      --top_k=64 --out=DIR [--config.seq_len=... and the run's other --config flags]
+  python scripts/teacher_logits.py --config=configs/finetune.py --config.init_from=STUDENT \
+      --teacher=PATH --data=FILES --top_k=64 --out=DIR [the run's other --config flags]
 
 Give it the flags of the training run that will read the cache: the rows it scores are that run's
 (its data, selection, ``seq_len``, packing and ``kd.temperature``), and the trainer refuses a cache

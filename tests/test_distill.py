@@ -15,7 +15,7 @@ from test_train import _start, _wait_for_checkpoint
 
 from imitax import convert, models, sharding
 from imitax.models import lora
-from imitax.train import TrainingError, distill, optim, run, teacher_cache
+from imitax.train import TrainingError, distill, gkd, optim, run, teacher_cache
 from imitax.train import state as train_state
 from imitax.train import step as train_step
 
@@ -153,6 +153,28 @@ def test_a_teacher_identical_to_the_student_gives_zero_loss_and_gradient(student
         assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-6
 
 
+def test_sampled_turns_follow_the_student_left_to_right(student_and_teacher):
+    """Each masked target is the student's sample given the sequence so far (checked without the KV cache)."""
+    model = student_and_teacher[0]
+    batch = batch_of(model.cfg.vocab_size, rows=2, length=24)
+    batch["segment_ids"][:, 16:] = 2  # a second example in each row, its own positions
+    batch["positions"][:, 16:] -= 16
+    batch["loss_mask"][:, 15] = 0  # the first example's last target crosses into the next: no loss
+    key = gkd.step_key(jax.random.key_data(jax.random.key(3)), 5)
+    new = jax.jit(lambda b: gkd.sample_teacher_turns(model, b, key, 0.7))(batch)
+    new = {k: np.asarray(v) for k, v in new.items()}
+    mask = batch["loss_mask"] > 0
+    np.testing.assert_array_equal(new["targets"][~mask], batch["targets"][~mask])
+    np.testing.assert_array_equal(new["inputs"][:, 1:][mask[:, :-1]], new["targets"][:, :-1][mask[:, :-1]])
+    np.testing.assert_array_equal(new["inputs"][:, 1:][~mask[:, :-1]], batch["inputs"][:, 1:][~mask[:, :-1]])
+    assert (new["targets"][mask] != batch["targets"][mask]).mean() > 0.5  # they were resampled
+    logits = np.asarray(model(new["inputs"], new["positions"], new["segment_ids"]))
+    row_keys = [jax.random.fold_in(jax.random.fold_in(key, 1), r) for r in range(2)]
+    for r, i in zip(*np.nonzero(mask), strict=True):
+        expected = jax.random.categorical(jax.random.fold_in(row_keys[r], i), logits[r, i] / 0.7)
+        assert new["targets"][r, i] == int(expected), (r, i)
+
+
 def _kd_lora_steps(mesh, student, teacher, batches):
     """Three steps of LoRA + KD (jsd) on ``mesh``: the losses and the final adapters."""
     lora.add_adapters(student, lora.LoRAConfig(rank=4, alpha=8.0), mesh=mesh)
@@ -221,12 +243,15 @@ def kd_overrides(tok_dir, checkpoints):
     }
 
 
-def test_kill_9_then_rerun_of_a_lora_kd_run_is_bitwise(compile_cache, kd_overrides, tmp_path):
+def test_kill_9_then_rerun_of_a_lora_gkd_run_is_bitwise(compile_cache, kd_overrides, tmp_path):
+    """GKD with LoRA: on-policy batches (sampled) and off-policy ones (kd), dropout, killed and rerun."""
+    overrides = kd_overrides | {"method": "gkd", "kd.alpha": 0.0, "gkd.lambda_": 0.5, "gkd.temperature": 0.8}
     reference = tmp_path / "reference"
-    result = run(th.make_config(kd_overrides), str(reference))
-    assert result["kd_loss"] > 0 and result["ce_loss"] > 0
+    result = run(th.make_config(overrides), str(reference))
+    assert result["kd_loss"] > 0
+    assert {row["on_policy"] for row in th.read_metrics(reference)} == {0.0, 1.0}  # both kinds of batch
     workdir = tmp_path / "run"
-    args, env = th.script_args(kd_overrides, workdir), th.script_env(compile_cache)
+    args, env = th.script_args(overrides, workdir), th.script_env(compile_cache)
     with open(tmp_path / "first.log", "w") as log:
         proc = _start(args, env, log)
         _wait_for_checkpoint(proc, workdir, at_least=4)
@@ -255,11 +280,18 @@ def test_a_teacher_with_another_tokenizer_is_refused(compile_cache, kd_overrides
         run(th.make_config(kd_overrides | {"teacher": str(other)}), str(tmp_path / "run"))
 
 
-def test_beta_outside_0_1_is_one_line_and_exit_1(kd_overrides, tmp_path):
-    out = th.run_script(th.script_args(kd_overrides | {"kd.beta": 1.5}, tmp_path / "run"), env=th.subprocess_env(1))
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"kd.beta": 1.5}, "config.kd.beta must be in [0, 1] (see docs/distillation.md), got 1.5"),
+        ({"method": "gkd", "kd.alpha": 0.0, "gkd.lambda_": -0.1}, "config.gkd.lambda_ must be in [0, 1]"),
+    ],
+)
+def test_beta_or_lambda_outside_0_1_is_one_line_and_exit_1(changes, message, kd_overrides, tmp_path):
+    out = th.run_script(th.script_args(kd_overrides | changes, tmp_path / "run"), env=th.subprocess_env(1))
     assert out.returncode == 1
     line = out.stderr.strip().splitlines()[-1]
-    assert line.endswith("config.kd.beta must be in [0, 1] (see docs/distillation.md), got 1.5"), out.stderr
+    assert line.startswith("error: ") and message in line, out.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import hf_models
 import jax
@@ -158,21 +156,7 @@ def test_peft_export_loads_in_transformers_and_matches(kind, compile_cache, tmp_
     targets = r"(q|v|o|up|down)_proj$" if kind == "gpt2" else lora.DEFAULT_TARGETS  # k left out: a partial c_attn
     lora.add_adapters(model, lora.LoRAConfig(rank=3, alpha=5.0, targets=targets))
     randomize_adapters(model)
-    tensors, ranks = peft_export.adapter_tensors(model)
-    out = tmp_path / "adapter"
-    out.mkdir()
-    config = peft.LoraConfig(
-        r=3,
-        lora_alpha=5.0,
-        target_modules=sorted(ranks),
-        fan_in_fan_out=kind == "gpt2",
-        rank_pattern={m: k for m, k in ranks.items() if k != 3},
-        alpha_pattern={m: 5.0 * k / 3 for m, k in ranks.items() if k != 3},
-    )
-    config.save_pretrained(out)
-    from safetensors.numpy import save_file
-
-    save_file(tensors, out / "adapter_model.safetensors")
+    out = peft_export.save_adapter(model, tmp_path / "adapter", rank=3, alpha=5.0, base=str(tmp_path / "base"))
     loaded = peft.PeftModel.from_pretrained(torch_model, out).eval()
     x = tokens(model.cfg.vocab_size)
     with torch.no_grad():
@@ -180,25 +164,14 @@ def test_peft_export_loads_in_transformers_and_matches(kind, compile_cache, tmp_
     np.testing.assert_allclose(np.asarray(model(x)), theirs, atol=1e-4, rtol=0)
 
 
-def test_peft_export_script_of_a_lora_run(lora_run, tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(th.ROOT / "scripts/convert.py"),
-            "--export",
-            "--peft",
-            f"--ckpt={lora_run}",
-            f"--out={tmp_path}/adapter",
-        ],
-        env=th.subprocess_env(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+def test_peft_export_of_a_lora_run(lora_run, base_dir, tmp_path):
+    out = peft_export.export_peft(lora_run, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
-    assert sorted(config["target_modules"])[0] == "mlp.down_proj"
+    assert config["base_model_name_or_path"] == str(base_dir)
+    assert config["target_modules"] == [f"mlp.{n}_proj" for n in ("down", "gate", "up")] + [
+        f"self_attn.{n}_proj" for n in "koqv"
+    ]
 
 
 def test_evaluate_loads_a_lora_workdir(lora_run):

@@ -96,26 +96,30 @@ def _fuse_qkv(pieces, names, cfg) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(a, b)]
 
 
-def export_peft(ckpt: epath.PathLike, out: str | pathlib.Path, *, overwrite: bool = False) -> pathlib.Path:
-    """Writes the PEFT adapter directory of a LoRA run (a workdir or one of its step directories)."""
+def save_adapter(
+    model: models.Transformer,
+    out: str | pathlib.Path,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    base: str = "",
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes ``model``'s adapters (rank ``rank``, scale ``alpha / rank``) as a PEFT adapter directory."""
     out = pathlib.Path(out)
     checkpoint.check_output(out, overwrite)
-    info = checkpoint.lora_info(ckpt)
-    if info is None:
-        raise ConversionError(f"{ckpt} holds no LoRA adapters: --peft exports LoRA runs (lora.rank > 0)")
-    model = checkpoint.load_adapted(ckpt)
     tensors, ranks = adapter_tensors(model)
-    r, alpha = info["rank"], info["alpha"]
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": info["base"],
-        "r": r,
+        "base_model_name_or_path": base,
+        "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": info["dropout"],
+        "lora_dropout": dropout,
         "target_modules": sorted(ranks),
-        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
-        "alpha_pattern": {m: alpha * k / r for m, k in ranks.items() if k != r},
+        "rank_pattern": {m: k for m, k in ranks.items() if k != rank},
+        "alpha_pattern": {m: alpha * k / rank for m, k in ranks.items() if k != rank},
         "fan_in_fan_out": model.cfg.model_type == "gpt2",
         "bias": "none",
         "inference_mode": True,
@@ -126,3 +130,21 @@ def export_peft(ckpt: epath.PathLike, out: str | pathlib.Path, *, overwrite: boo
         save_file(tensors, staged / "adapter_model.safetensors", metadata={"format": "pt"})
         (staged / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def export_peft(ckpt: epath.PathLike, out: str | pathlib.Path, *, overwrite: bool = False) -> pathlib.Path:
+    """Writes the PEFT adapter directory of a LoRA run (a workdir or one of its step directories)."""
+    checkpoint.check_output(out, overwrite)
+    info = checkpoint.lora_info(ckpt)
+    if info is None:
+        raise ConversionError(f"{ckpt} holds no LoRA adapters: --peft exports LoRA runs (lora.rank > 0)")
+    model = checkpoint.load_adapted(ckpt)
+    return save_adapter(
+        model,
+        out,
+        rank=info["rank"],
+        alpha=info["alpha"],
+        dropout=info["dropout"],
+        base=info["base"],
+        overwrite=overwrite,
+    )

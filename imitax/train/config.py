@@ -110,7 +110,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.progress = True
 
     # What the student learns from: 'sft' (cross-entropy on the teacher's text), 'kd' (a teacher's
-    # next-token distributions at the same positions; docs/distillation.md).
+    # next-token distributions at the same positions), 'gkd' (also on the student's own samples;
+    # docs/distillation.md).
     c.method = "sft"
     c.teacher = ""  # kd: the teacher model (an HF directory, imitax checkpoint or workdir), frozen
     c.teacher_dtype = ""  # its parameter dtype ('' = param_dtype; 'bfloat16' halves its memory)
@@ -120,6 +121,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.kd.temperature = 1.0  # both distributions at this temperature (no T^2 factor)
     c.kd.alpha = 0.0  # loss = (1 - alpha) * divergence + alpha * cross-entropy on the text
     c.kd.cache = ""  # a top-k cache of the teacher (scripts/teacher_logits.py) instead of running it
+    # method=gkd: with probability lambda_ a batch's teacher turns are the student's own samples.
+    c.gkd = ml_collections.ConfigDict()
+    c.gkd.lambda_ = 0.5
+    c.gkd.temperature = 1.0  # sampling temperature of the student's turns
 
     # Low-rank adapters (LoRA); rank 0 = off (every weight trains). The base stays frozen.
     c.lora = ml_collections.ConfigDict()
@@ -292,7 +297,7 @@ def check(
     return cfg
 
 
-METHODS = ("sft", "kd")
+METHODS = ("sft", "kd", "gkd")
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoRAConfig | None:
@@ -314,17 +319,34 @@ def kd_config(config: ml_collections.ConfigDict):
     return distill.KDConfig(loss=kd.loss, beta=kd.beta, temperature=kd.temperature, alpha=kd.alpha)
 
 
+def gkd_config(config: ml_collections.ConfigDict):
+    """The run's on-policy settings (None unless ``method=gkd``); raises ValueError for a bad field."""
+    from imitax.train import gkd
+
+    if config.method != "gkd":
+        return None
+    return gkd.GKDConfig(lambda_=config.gkd.lambda_, temperature=config.gkd.temperature)
+
+
 def _check_methods(config: ml_collections.ConfigDict, where: str, fail) -> None:
     """The method, its teacher and the LoRA section."""
     if config.method not in METHODS:
         fail("method", f"unknown method {config.method!r}; known: {', '.join(METHODS)}")
     try:
         kd_config(config)
+        gkd_config(config)
         lora_config(config)
     except ValueError as e:
         raise ConfigError(f"{where}.{e}") from None  # the message starts with the field
-    if config.method == "kd" and not config.teacher:
-        fail("teacher", "method=kd needs a teacher: set --config.teacher=PATH (an HF directory or imitax checkpoint)")
+    if config.method != "sft" and not config.teacher:
+        fail(
+            "teacher",
+            f"method={config.method} needs a teacher: set --config.teacher=PATH (an HF directory or imitax checkpoint)",
+        )
+    if config.method == "gkd" and config.kd.cache:
+        fail("kd.cache", "method=gkd scores the student's own samples, which no cache holds; use the online teacher")
+    if config.method == "gkd" and config.kd.alpha:
+        fail("kd.alpha", "method=gkd trains on the divergence alone (as TRL's GKD trainer); set kd.alpha=0")
     if config.teacher_dtype not in ("", "float32", "bfloat16"):
         fail("teacher_dtype", f"expected '', 'float32' or 'bfloat16', got {config.teacher_dtype!r}")
     if config.lora.rank and not config.init_from:

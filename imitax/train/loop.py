@@ -358,6 +358,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 loss_chunk_len=config.loss_chunk_len,
                 kd=kd,
                 teacher_graphdef=teacher_graphdef,
+                on_policy=train_config.gkd_config(config),
             ),
             shardings,
             batch_sharding,

@@ -30,7 +30,7 @@ from flax import nnx
 from imitax import sharding
 from imitax.models.transformer import project
 from imitax.sharding import constrain
-from imitax.train import distill
+from imitax.train import distill, gkd
 from imitax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -246,6 +246,7 @@ def make_train_step(
     loss_chunk_len: int = LOSS_CHUNK_LEN,
     kd: distill.KDConfig | None = None,
     teacher_graphdef: nnx.GraphDef | None = None,
+    on_policy: gkd.GKDConfig | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (un-jitted) train step ``(state, batch, frozen=None)``; :func:`jit_train_step` compiles it.
 
@@ -259,6 +260,8 @@ def make_train_step(
       loss_chunk_len: sequence positions per cross-entropy chunk (0 = unchunked).
       kd: distill from the teacher in ``frozen['teacher']`` (:func:`kd_loss_terms`), or None (SFT).
       teacher_graphdef: the teacher's graph definition (with ``kd``).
+      on_policy: GKD (with ``kd``): with probability ``lambda_`` the batch's teacher turns are
+        first replaced by the student's samples (:func:`imitax.train.gkd.sample_teacher_turns`).
     """
     if kd is None:
         loss_fn = functools.partial(loss_terms, graphdef, chunk_len=loss_chunk_len)
@@ -268,6 +271,18 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch, frozen: Frozen | None = None):
         batch = {k: batch[k] for k in BATCH_KEYS + TEACHER_KEYS if k in batch}
+        extra = {}
+        if on_policy is not None:
+            key = gkd.step_key(state.rng, state.step)
+            sampled = gkd.on_policy(key, on_policy.lambda_)
+            student = _student(graphdef, jax.lax.stop_gradient(state.params), frozen)
+            batch = jax.lax.cond(
+                sampled,
+                lambda b: gkd.sample_teacher_turns(student, b, key, on_policy.temperature),
+                lambda b: b,
+                batch,
+            )
+            extra["on_policy"] = sampled.astype(jnp.float32)
         # Unused (and compiled away) when every dropout rate is 0.
         rng_b = dropout_keys(state.rng, state.step, batch["inputs"].shape[0])
         if grad_accum_steps == 1:
@@ -297,7 +312,7 @@ def make_train_step(
             "param_norm": optax.global_norm(params),
             "learning_rate": schedule(state.step),
         }
-        metrics |= {k.replace("_sum", "_loss"): aux[k] / tokens for k in ("kd_sum", "ce_sum") if k in aux}
+        metrics |= {k.replace("_sum", "_loss"): aux[k] / tokens for k in ("kd_sum", "ce_sum") if k in aux} | extra
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
