@@ -1,12 +1,13 @@
 r"""Blinded pairwise rating studies: create one, serve it to raters, export the judgments.
 
   python scripts/rate.py create --db=sqlite:///ratings.db --study=NAME --prompts=FILE \
-      --system=NAME=ANSWERS_FILE --system=NAME=ANSWERS_FILE ... [--pairs=A:B,...] [--per_item=3] \
+      --system=NAME=ANSWERS_FILE_OR_URL_OR_MODEL_PATH ... [--pairs=A:B,...] [--per_item=3] \
       [--raters=N] [--attention_checks=FILE] [--base_url=http://127.0.0.1:8080]
   python scripts/rate.py serve --db=sqlite:///ratings.db [--host=127.0.0.1] [--port=8080] [--workers=1]
   python scripts/rate.py export --db=sqlite:///ratings.db --study=NAME --out=DIR
 
-Prompts are JSONL {"id", "prompt"}; a system's answers JSONL {"id", "response"}, matched by id;
+Prompts are JSONL {"id", "prompt"}; a system's answers JSONL {"id", "response"}, matched by id,
+or generated on the spot from an OpenAI-compatible URL or a model path (greedy, --max_tokens);
 attention checks JSONL {"prompt", "good", "broken"}. ``create`` prints one secret link per rater
 and the admin link (they are shown once: only their hashes are stored). ``--db`` is a SQLAlchemy
 URL: sqlite:///FILE or postgresql://USER:PASSWORD@HOST:PORT/DB. ``export`` writes DIR/ratings.csv
@@ -27,7 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from absl import app, flags  # noqa: E402
 
-from imitax import cli, records  # noqa: E402
+from imitax import cli, records, xla_backend  # noqa: E402
+
+xla_backend.define_flag()  # --xla_backend, for a model-path system served while creating the study
 
 _DB = flags.DEFINE_string("db", "sqlite:///ratings.db", "SQLAlchemy URL: sqlite:///FILE or postgresql://...")
 _STUDY = flags.DEFINE_string("study", None, "Study name (create, export).")
