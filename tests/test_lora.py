@@ -16,7 +16,7 @@ from flax import nnx
 from imitax import convert, models, sharding
 from imitax.convert import peft as peft_export
 from imitax.models import lora
-from imitax.train import optim, run
+from imitax.train import TrainingError, optim, run
 from imitax.train import state as train_state
 from imitax.train import step as train_step
 
@@ -183,12 +183,13 @@ def test_evaluate_loads_a_lora_workdir(lora_run):
     np.testing.assert_allclose(np.asarray(lm.model(x)), np.asarray(expected(x)), atol=1e-5, rtol=0)
 
 
-def test_a_target_regex_that_matches_nothing_is_one_line(tok_dir, base_dir, tmp_path):
+def test_a_target_regex_that_matches_nothing_is_one_line(compile_cache, tok_dir, base_dir, tmp_path):
     overrides = th.base_overrides(tok_dir) | {"init_from": str(base_dir), "lora.rank": 2, "lora.targets": "c_attn"}
-    out = th.run_script(th.script_args(overrides, tmp_path / "run"), env=th.subprocess_env(1))
-    assert out.returncode == 1
-    line = out.stderr.strip().splitlines()[-1]
-    assert "lora.targets='c_attn' matches no projection" in line and "layers/attn/q_proj" in line, out.stderr
+    with pytest.raises(TrainingError) as e:
+        run(th.make_config(overrides), str(tmp_path / "run"))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("config.lora.targets='c_attn' matches no projection")
+    assert "layers/attn/q_proj" in message and "--config.lora.targets=" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
