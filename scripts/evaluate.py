@@ -21,16 +21,15 @@ to 0.4.9.1); true, always BOS. results.json records it under "model".
 import os
 import sys
 
-# imitax needs no torch at run time, but transformers and datasets import it whenever it is
-# installed (seconds and hundreds of MB): a None entry makes `import torch` fail, and they then
-# treat torch as absent. See scripts/convert.py.
-sys.modules.setdefault("torch", None)
+# torch is not hidden here as scripts/convert.py hides it (a None entry in sys.modules saves
+# transformers' import of it, seconds and hundreds of MB): the tasks read hub and `hf:` data through
+# `datasets`, whose fingerprinting imports torch whenever the name is in sys.modules, and fails on None.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from absl import app, flags, logging  # noqa: E402
 
-from imitax import xla_backend  # noqa: E402
+from imitax import cli, xla_backend  # noqa: E402
 
 xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before main() imports JAX
 _MODEL = flags.DEFINE_string("model", None, "imitax checkpoint, training workdir or Hugging Face model directory.")
@@ -193,4 +192,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

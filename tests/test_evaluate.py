@@ -273,6 +273,18 @@ def test_script_end_to_end(hf_dir, gpt2_dir, tmp_path):
         "--add_bos_token=false",  # this tokenizer has no BOS: the numbers equal the default's
         cache=tmp_path / "cache",
     )
+    # A dataset read through the `datasets` library (`hf:DIR:SPLIT`, as a hub name would be), run
+    # meanwhile: datasets' fingerprinting must work in the script's process.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "data.json").write_text((DATA / "sharegpt.json").read_text())
+    hub_run = _script(
+        f"--model={hf_dir}",
+        "--tasks=perplexity",
+        f"--perplexity_file=hf:{hub}:train",
+        f"--output_dir={tmp_path / 'hub_out'}",
+        cache=tmp_path / "hub_cache",
+    )
     # Bad input, run meanwhile: one line on stderr, exit status 1, nothing written.
     bad = {
         "unknown": _script(
@@ -336,6 +348,11 @@ def test_script_end_to_end(hf_dir, gpt2_dir, tmp_path):
         assert code == 1, (name, stderr)
         assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(want[name]), (name, stderr)
         assert not (tmp_path / f"b{i}").exists()
+
+    code, _, stderr = _finish(hub_run)
+    assert code == 0, stderr
+    hub_results = json.loads((tmp_path / "hub_out" / "results.json").read_text())["results"]["perplexity"]
+    assert hub_results["n"] == 2  # of the file's 3 conversations, "c" has no teacher turn
 
     code, stdout, stderr = _finish(run)
     assert code == 0, stderr

@@ -192,6 +192,21 @@ def test_loglikelihood_rolling_equals_the_sum_of_token_logprobs():
     assert abs(got - want) <= ATOL
 
 
+def test_rolling_windows_whose_bucket_passes_the_row_width_equal_transformers():
+    # A 40-token document is one window of 40 predictions in a 41-token row: the window's bucket
+    # (64) is wider than the row (48 wide), so the scored positions must be the row's last 48.
+    torch_model, model = tiny_pair("gpt2", 64)
+    tok = tokenizer()
+    lm = LM(model, tok, batch_size=2)
+    long = "the quick brown fox jumps over a lazy dog while seven tired cats watch from the wall " * 4
+    for tokens in (40, 64 + 40):  # alone in its batch; a second window after a full one
+        text = next(long[:n] for n in range(len(long)) if len(tok(long[:n])["input_ids"]) == tokens)
+        ids = tok(text)["input_ids"]
+        want = sum(hf_loglikelihood(torch_model, c, k, 64)[0] for c, k in rolling_windows(ids, 0, 64))
+        (got,) = lm.loglikelihood_rolling([text])
+        assert abs(got - want) <= ATOL, tokens
+
+
 # -- arrangement: batching, buckets, shared prefixes, meshes -----------------------------------------
 
 

@@ -200,10 +200,11 @@ def _scores(model: Transformer, h_bwe, targets_bw, cands_bk):
     b, w, e = h_bwe.shape
     if w <= _VOCAB_CHUNK:
         target_bw, greedy_bw, last_bv, last_lse_b = chunk(h_bwe, targets_bw)
-    else:  # Windows above 32 are length buckets, all multiples of 32.
-        n = w // _VOCAB_CHUNK
-        h_nbce = h_bwe.reshape(b, n, _VOCAB_CHUNK, e).swapaxes(0, 1)
-        t_nbc = targets_bw.reshape(b, n, _VOCAB_CHUNK).swapaxes(0, 1)
+    else:  # Windows above 32 are length buckets or row widths: multiples of 32, or of 16 up to 256.
+        c = math.gcd(w, _VOCAB_CHUNK)
+        n = w // c
+        h_nbce = h_bwe.reshape(b, n, c, e).swapaxes(0, 1)
+        t_nbc = targets_bw.reshape(b, n, c).swapaxes(0, 1)
         target_nbc, greedy_nbc, last_nbv, last_lse_nb = jax.lax.map(lambda x: chunk(*x), (h_nbce, t_nbc))
         target_bw = target_nbc.swapaxes(0, 1).reshape(b, w)
         greedy_bw = greedy_nbc.swapaxes(0, 1).reshape(b, w)
@@ -601,7 +602,8 @@ class Scorer:
         row_ids = [i for i, _, _ in entries]
         lengths = [len(rows[i].tokens) - prefix for i, prefix, _ in entries]
         width = _width(widths, max(lengths))
-        window = _window_bucket(max(rows[i].window for i in row_ids))
+        # A window's bucket may pass the row's width (a rolling window of 99 tokens: bucket 128, width 112).
+        window = min(_window_bucket(max(rows[i].window for i in row_ids)), width)
         k = _candidates_bucket(max(len(rows[i].candidates) for i in row_ids))
         # A partial batch shrinks to a power of two (dummy rows cost as much as real ones), unless `full`.
         b = self.batch_size if full else min(self.batch_size, _round_up(_pow2(len(row_ids)), self._shards))
