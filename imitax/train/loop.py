@@ -66,25 +66,24 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
     so a run that fails during set-up (bad data, a bad option) leaves nothing that would refuse
     the corrected command.
     """
-    saved_path = workdir / RUN_CONFIG
-    current = json.loads(config.to_json())
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        changed = sorted(
-            k for k in set(saved) | set(current) if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k)
+    try:
+        changed = records.check_config_record(
+            workdir / RUN_CONFIG,
+            json.loads(config.to_json()),
+            ignore=RESUMABLE_KEYS,
+            allow=config.overwrite or config.resume,
+            what="a run",
+            fix="Use another --workdir, --config.resume=True to continue it with the new config, or "
+            "--config.overwrite=True to move the old run aside and start over.",
         )
-        if changed and config.overwrite:
-            backup = workdir.parent / f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            if jax.process_index() == 0:
-                workdir.rename(backup)
-            multihost_utils.sync_global_devices("imitax_workdir_moved")
-            logging.warning("config.overwrite: the previous run in %s was moved to %s", workdir, backup)
-        elif changed and not config.resume:
-            raise TrainingError(
-                f"{workdir} holds a run with a different config (differing keys: {', '.join(changed)}). "
-                "Use another --workdir, --config.resume=True to continue it with the new config, or "
-                "--config.overwrite=True to move the old run aside and start over."
-            )
+    except records.ConfigMismatch as e:
+        raise TrainingError(str(e)) from None
+    if changed and config.overwrite:
+        backup = workdir.parent / f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            workdir.rename(backup)
+        multihost_utils.sync_global_devices("imitax_workdir_moved")
+        logging.warning("config.overwrite: the previous run in %s was moved to %s", workdir, backup)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
 
