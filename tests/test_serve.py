@@ -301,6 +301,8 @@ BAD = {
     "top_p above 1": ({**GOOD, "top_p": 1.5}, 400),
     "wrong field type": ({**GOOD, "max_tokens": "many"}, 400),
     "oversized body": ({**GOOD, "prompt": "x" * (5 << 20)}, 413),
+    "suffix": ({**GOOD, "suffix": "end"}, 400),
+    "best_of": ({**GOOD, "best_of": 3}, 400),
 }
 
 
@@ -344,6 +346,104 @@ def test_api_key_is_required(server):
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server[1] + "/models").status_code == 401
     assert _post(server, "/completions", GOOD).status_code == 200
+
+
+def _hf_greedy_penalized(torch_model, prompt: list[int], new_tokens: int, presence: float, frequency: float):
+    """Greedy tokens and their raw log-probabilities, step by step from transformers' logits with OpenAI's
+    penalties applied by hand: ``logits[t] -= presence * (count[t] > 0) + frequency * count[t]``."""
+    generated, logprobs = [], []
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            logits = torch_model(torch.tensor([prompt + generated])).logits[0, -1].double()
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.shape[0]).double()
+        token = int((logits - presence * (counts > 0) - frequency * counts).argmax())
+        generated.append(token)
+        logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+    return generated, logprobs
+
+
+def test_logit_bias_bans_and_forces_tokens_as_transformers(server, client, torch_model, references):
+    """A request's bias moves its own greedy choices only (a plain request in flight beside it keeps its
+    output); the biased output equals transformers' generate with the same bias (its sequence_bias)."""
+    ours, _ = references
+    prompt, plain = _prompts()[0], ours[0]
+    boost = next(t for t in range(3, 300) if t not in plain)
+    bias = {plain[0]: -100.0, plain[2]: -100.0, boost: 3.0}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        biased = pool.submit(_greedy_ids, server, prompt, logit_bias={str(t): b for t, b in bias.items()})
+        beside = pool.submit(_greedy_ids, server, prompt)
+        got, unbiased = biased.result(), beside.result()
+    assert unbiased == plain
+    with torch.no_grad():
+        out = torch_model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0,
+            sequence_bias={(t,): b for t, b in bias.items()},
+        )  # fmt: skip
+    assert got == out[0, len(prompt) :].tolist()
+    assert got != plain and plain[0] not in got and plain[2] not in got
+    # +100 outweighs every logit gap of this model: each token is the forced one (the official client's field).
+    forced = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=6, temperature=0, logit_bias={str(boost): 100},
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    assert forced.choices[0].model_extra["token_ids"] == [boost] * 6
+
+
+def test_presence_and_frequency_penalties_match_transformers_step_by_step(server, torch_model, references):
+    """Positive and negative penalties side by side (different slots), then again one after the other in the
+    same slot (its counts cleared for the new choice); the log-probabilities stay the model's own."""
+    ours, _ = references
+    prompt = _prompts()[2]
+    settings = [(1.5, 0.7), (-1.0, -2.0)]
+    want = [_hf_greedy_penalized(torch_model, prompt, 12, p, f) for p, f in settings]
+    assert want[0][0] != ours[2][:12] and want[1][0] != ours[2][:12], "the penalties would change nothing"
+
+    def penalized(presence, frequency):
+        body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1}
+        body.update(presence_penalty=presence, frequency_penalty=frequency, ignore_eos=True, return_token_ids=True)
+        response = _post(server, "/completions", body)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["token_ids"], choice["logprobs"]["token_logprobs"]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda s: penalized(*s), settings))
+    apart = [penalized(*s) for s in settings]
+    for (ids, logprobs), (want_ids, want_logprobs) in zip(together + apart, want + want, strict=True):
+        assert ids == want_ids
+        np.testing.assert_allclose(logprobs, want_logprobs, atol=2e-4)
+
+
+REFUSED = {
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
+    "tool_choice": ({"tool_choice": "auto"}, "tool_choice is not supported"),
+    "functions": ({"functions": [{"name": "f"}]}, "functions are not supported"),
+    "response_format": ({"response_format": {"type": "json_object"}}, "response_format 'json_object' is not"),
+    "logit_bias word key": ({"logit_bias": {"hello": 5}}, "logit_bias keys must be token ids (decimal"),
+    "logit_bias id beyond the vocabulary": (
+        {"logit_bias": {"320": 5}},
+        "logit_bias keys must be token ids in [0, 320)",
+    ),
+    "logit_bias value": ({"logit_bias": {"5": 100.5}}, "logit_bias value for token 5 must be in [-100, 100]"),
+    "logit_bias too many": ({"logit_bias": {str(t): 1 for t in range(301)}}, "at most 300"),
+    "presence_penalty": ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5"),
+    "frequency_penalty": ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3"),
+    "vLLM's repetition_penalty": ({"repetition_penalty": 1.2}, "repetition_penalty is not supported"),
+    "vLLM's guided decoding": ({"guided_json": {"type": "object"}}, "guided_json is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_unsupported_and_out_of_range_settings_are_refused(server, case):
+    extra, message = REFUSED[case]
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    response = _post(server, "/chat/completions", {**chat, **extra})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    fine = {"response_format": {"type": "text"}, "tool_choice": "none", "repetition_penalty": 1.0, "user": "u"}
+    fine["logit_bias"] = {"5": -100}
+    assert _post(server, "/chat/completions", {**chat, **fine}).status_code == 200
 
 
 def test_programs_compiled_once_at_start(server):

@@ -4,8 +4,10 @@ Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed 
 events with ``"stream": true``), ``GET /v1/models``, ``GET /health``. Requests and responses
 follow the OpenAI API's schemas, so the official ``openai`` client works unchanged; as in vLLM,
 ``top_k``, ``ignore_eos`` and ``return_token_ids`` may be passed too (the client's
-``extra_body``). Errors are OpenAI error objects, ``{"error": {"message", "type", "param",
-"code"}}``, with status 400 (malformed JSON, bad settings, too long), 401 (API key), 404
+``extra_body``). What the server does not implement (tools and functions, a ``response_format``
+other than text) is refused with 400, never ignored: a sample collected from it is what was
+asked for. Errors are OpenAI error objects, ``{"error": {"message", "type", "param",
+"code"}}``, with status 400 (malformed JSON, bad settings, too long, unsupported), 401 (API key), 404
 (unknown model), 413 (body too large) or 429 (too many requests in flight, with
 ``Retry-After``); the request fails alone and the server goes on serving everyone else.
 """
@@ -48,10 +50,36 @@ class ApiError(Exception):
 # -- request schemas ------------------------------------------------------------------------------
 
 
-class _Sampling(pydantic.BaseModel):
-    """The settings both endpoints share (unknown fields are ignored, as OpenAI's server does)."""
+# vLLM's sampling extensions this server does not implement, with the value that changes nothing:
+# a request giving another value is refused, as a researcher moving from vLLM would otherwise get
+# samples that silently differ from what was asked for.
+_VLLM_UNSUPPORTED = {
+    "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "min_tokens": 0,
+    "length_penalty": 1.0,
+    "use_beam_search": False,
+    "stop_token_ids": [],
+    "bad_words": [],
+    "allowed_token_ids": None,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "truncate_prompt_tokens": None,
+    "prompt_logprobs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "structured_outputs": None,
+}
 
-    model_config = pydantic.ConfigDict(extra="ignore")
+
+class _Sampling(pydantic.BaseModel):
+    """The settings both endpoints share (other fields are ignored, as OpenAI's server does, except
+    vLLM's sampling extensions in :data:`_VLLM_UNSUPPORTED`; the tool, function and
+    response-format fields are read only to refuse them)."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = None
@@ -65,8 +93,44 @@ class _Sampling(pydantic.BaseModel):
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        """Raises a 400 for what this server would otherwise have to ignore."""
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ApiError(
+                    400, f"{name} are not supported by this server (no tool or function calling)", param=name
+                )
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ApiError(400, f"{name} is not supported by this server (no tool or function calling)", param=name)
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ApiError(400, f"response_format {kind!r} is not supported; only 'text' is", param="response_format")
+        for name, neutral in _VLLM_UNSUPPORTED.items():
+            if (self.model_extra or {}).get(name, neutral) not in (neutral, None):
+                raise ApiError(400, f"{name} is not supported by this server (vLLM's extension)", param=name)
+
+    def token_bias(self) -> dict[int, float]:
+        """``logit_bias`` with its keys (JSON object keys are strings) read as token ids."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdecimal():
+                raise ApiError(400, f"logit_bias keys must be token ids (decimal integers), got {key!r}",
+                               param="logit_bias")  # fmt: skip
+            bias[int(key)] = value
+        return bias
 
     def params(self, max_tokens: int | None, logprobs: bool) -> SamplingParams:
+        self.refuse_unsupported()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -78,6 +142,9 @@ class _Sampling(pydantic.BaseModel):
             n=self.n,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            logit_bias=self.token_bias(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
         )
 
 
@@ -105,6 +172,8 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = 16  # the completions API's default
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
 
 
 # -- the app ----------------------------------------------------------------------------------------
@@ -218,6 +287,12 @@ def create_app(
         body = await body_of(request, CompletionRequest)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
+        if body.suffix:
+            raise ApiError(400, "suffix (insertion) is not supported", param="suffix")
+        if body.best_of not in (None, 1, body.n):
+            raise ApiError(
+                400, "best_of other than n is not supported; ask for n choices and rank them", param="best_of"
+            )
         if body.logprobs is not None and not 0 <= body.logprobs <= TOP_LOGPROBS:
             raise ApiError(400, f"logprobs must be in [0, {TOP_LOGPROBS}]", param="logprobs")
         prompt = body.prompt

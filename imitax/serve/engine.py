@@ -33,11 +33,18 @@ Compiled programs: decode, compaction, and a prefill per row-count bucket (1, 2,
 (:attr:`Engine.programs`; :meth:`Engine.warmup` compiles them before the first request). The
 index and the sampling settings are arguments, not constants of the programs.
 
-Sampling is per slot (temperature, top-k, top-p, seed), with the filters of
-:mod:`imitax.eval.generate`; the vocabulary is sorted for the filters only in steps where
-some slot samples with them. Each token comes back with its log-probability and, when some slot
+Sampling is per slot (temperature, top-k, top-p, seed, logit bias, presence and frequency
+penalties), with the filters of :mod:`imitax.eval.generate`; the vocabulary is sorted for the
+filters only in steps where some slot samples with them. As in vLLM, the logit bias is added
+first, then the penalties are subtracted (``logits[t] -= presence * (count[t] > 0) + frequency *
+count[t]``, ``count`` the times the choice has generated ``t``), then a greedy slot takes the
+argmax and a sampling one applies temperature and filters. The settings are per-slot arrays
+of fixed shapes (a logit bias is :data:`MAX_LOGIT_BIAS` ``(id, value)`` pairs, the counts a
+``[slots, vocab]`` array that stays on the device and that the decode step updates), so no
+request compiles a program. Each token comes back with its log-probability and, when some slot
 asks, the :data:`TOP_LOGPROBS` most likely tokens; both are of the model's own distribution,
-before temperature and filters, as vLLM and the OpenAI API report them.
+before bias, penalties, temperature and filters, as vLLM reports them by default
+(``logprobs_mode="raw_logprobs"``).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +66,19 @@ from imitax.eval.generate import sample_logits
 from imitax.models import Transformer
 from imitax.models.transformer import constrain_cache
 
-__all__ = ["TOP_LOGPROBS", "Engine", "EngineBusy", "EngineError", "Handle", "SamplingParams", "TokenEvent"]
+__all__ = [
+    "MAX_LOGIT_BIAS",
+    "TOP_LOGPROBS",
+    "Engine",
+    "EngineBusy",
+    "EngineError",
+    "Handle",
+    "SamplingParams",
+    "TokenEvent",
+]
 
 TOP_LOGPROBS = 20  # the most the OpenAI API returns per token (``top_logprobs`` <= 20)
+MAX_LOGIT_BIAS = 300  # the most logit_bias entries a request may give (the decode step's fixed array width)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +105,11 @@ class SamplingParams:
       ignore_eos: keep going past the end-of-text token (benchmarks).
       logprobs: return the :data:`TOP_LOGPROBS` most likely tokens with each token (the
         chosen token's log-probability comes back always).
+      logit_bias: token id -> a value in [-100, 100] added to its logit before sampling (at most
+        :data:`MAX_LOGIT_BIAS` entries), as the OpenAI API defines it.
+      presence_penalty, frequency_penalty: in [-2, 2]; each step subtracts
+        ``presence_penalty * (count[t] > 0) + frequency_penalty * count[t]`` from the logit of
+        every token ``t`` the choice has generated ``count[t]`` times (the prompt not counted).
     """
 
     max_tokens: int | None = None
@@ -99,6 +121,9 @@ class SamplingParams:
     n: int = 1
     ignore_eos: bool = False
     logprobs: bool = False
+    logit_bias: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def check(self) -> None:
         """Raises :class:`EngineError` for settings no request may have."""
@@ -112,6 +137,16 @@ class SamplingParams:
             raise EngineError(f"n must be >= 1, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise EngineError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:  # also refuses NaN
+                raise EngineError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise EngineError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                raise EngineError(f"logit_bias key {token} is not a token id (ids are >= 0)")
+            if not -100.0 <= bias <= 100.0:
+                raise EngineError(f"logit_bias value for token {token} must be in [-100, 100], got {bias}")
 
 
 @dataclasses.dataclass
@@ -191,15 +226,22 @@ _POSITION_AXIS = {"k": 3, "v": 3, "segment_ids": 1, "positions": 1}
 # -- the compiled programs ------------------------------------------------------------------------
 
 
-def _pick(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b, want_top):
+def _pick(logits_bv, sampling, penalty_bv=None):
     """Per-row tokens (greedy where the temperature is 0), their log-probabilities and the top ones.
 
+    The tokens are picked from the logits plus each row's logit bias minus ``penalty_bv`` (the
+    presence and frequency penalties); the log-probabilities are of the model's own logits.
     Sampling (two sorts of the vocabulary per row for top-k and top-p) and the top
     log-probabilities run only when some row asks for them (``lax.cond``): a greedy step
     without logprobs costs an argmax and a log-sum-exp.
     """
-    logits_bv = logits_bv.astype(jnp.float32)
-    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    temperature_b, top_k_b, top_p_b, seeds_b, counts_b, want_top, bias_ids_bk, bias_bk = sampling[:8]
+    raw_bv = logits_bv.astype(jnp.float32)
+    rows_b1 = jnp.arange(raw_bv.shape[0])[:, None]
+    adjusted_bv = raw_bv.at[rows_b1, bias_ids_bk].add(bias_bk)  # padding entries add 0 to token 0
+    if penalty_bv is not None:
+        adjusted_bv = adjusted_bv - penalty_bv
+    greedy_b = jnp.argmax(adjusted_bv, axis=-1).astype(jnp.int32)
 
     def sample(logits_v, temperature, top_k, top_p, seed, count, filtered: bool):
         key = jax.random.fold_in(jax.random.key(seed), count)
@@ -209,7 +251,7 @@ def _pick(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b, want_to
         return jax.random.categorical(key, scaled_v).astype(jnp.int32)
 
     def sampled():
-        args = (logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b)
+        args = (adjusted_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b)
         tokens_b = jax.lax.cond(
             jnp.any((top_k_b > 0) | (top_p_b < 1.0)),
             lambda: jax.vmap(functools.partial(sample, filtered=True))(*args),
@@ -218,15 +260,15 @@ def _pick(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, counts_b, want_to
         return jnp.where(temperature_b > 0, tokens_b, greedy_b)
 
     token_b = jax.lax.cond(jnp.any(temperature_b > 0), sampled, lambda: greedy_b)
-    logz_b = jax.nn.logsumexp(logits_bv, axis=-1)
-    chosen_b = jnp.take_along_axis(logits_bv, token_b[:, None], axis=-1)[:, 0] - logz_b
-    k = min(TOP_LOGPROBS, logits_bv.shape[-1])
+    logz_b = jax.nn.logsumexp(raw_bv, axis=-1)
+    chosen_b = jnp.take_along_axis(raw_bv, token_b[:, None], axis=-1)[:, 0] - logz_b
+    k = min(TOP_LOGPROBS, raw_bv.shape[-1])
 
     def top():
-        values, ids = jax.lax.top_k(logits_bv, k)
+        values, ids = jax.lax.top_k(raw_bv, k)
         return ids, values - logz_b[:, None]
 
-    empty = (jnp.zeros((logits_bv.shape[0], k), jnp.int32), jnp.zeros((logits_bv.shape[0], k), jnp.float32))
+    empty = (jnp.zeros((raw_bv.shape[0], k), jnp.int32), jnp.zeros((raw_bv.shape[0], k), jnp.float32))
     top_ids, top_vals = jax.lax.cond(want_top, top, lambda: empty)
     return token_b, chosen_b, top_ids, top_vals
 
@@ -238,7 +280,7 @@ def _prefill_step(graphdef, state, cache, index, rows_p, tokens_pc, positions_pc
     model = nnx.merge(graphdef, state)
     sub = {name: jnp.take(cache[name], rows_p, axis=_SLOT_AXIS[name], mode="clip") for name in _SLOT_AXIS}
     h_pce, sub = model.hidden(tokens_pc, positions_pc, segment_ids_pc, {**sub, "index": index})
-    picked = _pick(model.logits(h_pce[:, -1:])[:, 0], *sampling)
+    picked = _pick(model.logits(h_pce[:, -1:])[:, 0], sampling)  # nothing generated yet: no penalties
     new = {
         name: cache[name].at[(slice(None),) * axis + (rows_p,)].set(sub[name], mode="drop")
         for name, axis in _SLOT_AXIS.items()
@@ -246,14 +288,24 @@ def _prefill_step(graphdef, state, cache, index, rows_p, tokens_pc, positions_pc
     return new, picked
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _decode_step(graphdef, state, cache, index, tokens_b, positions_b, segment_ids_b, sampling):
-    """Every slot writes one token at ``index`` (segment 0 where it is not decoding) and picks the next."""
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2, 3))
+def _decode_step(graphdef, state, cache, seen_bv, index, tokens_b, positions_b, segment_ids_b, fresh_b, sampling):
+    """Every slot writes one token at ``index`` (segment 0 where it is not decoding) and picks the next.
+
+    ``seen_bv`` counts each slot's generated tokens for the penalties: a decoding slot adds the
+    token it feeds in (its last generated one), after clearing its row where ``fresh_b`` (its
+    first decode step: the row still counts an earlier request's tokens).
+    """
     model = nnx.merge(graphdef, state)
     cache = {**cache, "index": index}
     logits_b1v, cache = model.extend(tokens_b[:, None], cache, positions_b[:, None], segment_ids_b[:, None])
     cache = constrain_cache(cache)
-    return {name: cache[name] for name in _SLOT_AXIS}, _pick(logits_b1v[:, 0], *sampling)
+    seen_bv = jnp.where(fresh_b[:, None], 0, seen_bv)
+    seen_bv = seen_bv.at[jnp.arange(seen_bv.shape[0]), tokens_b].add((segment_ids_b != 0).astype(seen_bv.dtype))
+    presence_b, frequency_b = sampling[8:]
+    counts_bv = seen_bv.astype(jnp.float32)
+    penalty_bv = presence_b[:, None] * (seen_bv > 0) + frequency_b[:, None] * counts_bv
+    return {name: cache[name] for name in _SLOT_AXIS}, seen_bv, _pick(logits_b1v[:, 0], sampling, penalty_bv)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -324,6 +376,9 @@ class Engine:
         if not isinstance(where, jax.sharding.SingleDeviceSharding):
             where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
         self.cache = jax.device_put({name: cache[name] for name in _SLOT_AXIS}, where)
+        # How often each slot's choice has generated each token (the penalties); rows are cleared
+        # by the decode step when a slot starts decoding a new choice.
+        self.seen = jax.device_put(jnp.zeros((max_batch, cfg.vocab_size), jnp.int32), where)
         self.index = 0  # the next write position, shared by every slot (passed to the programs)
         self._uids = itertools.count(1)
         self.slots: list[_Slot | None] = [None] * max_batch
@@ -353,14 +408,16 @@ class Engine:
                 self._sampling(rows),
             )  # fmt: skip
         zeros = np.zeros((self.max_batch,), np.int32)  # segment 0 everywhere, then moved back
-        self.cache, picked = _decode_step(
+        self.cache, self.seen, picked = _decode_step(
             self.graphdef,
             self.state,
             self.cache,
+            self.seen,
             np.int32(0),
             zeros,
             zeros,
             zeros,
+            np.zeros((self.max_batch,), bool),
             self._sampling([self.max_batch] * self.max_batch),
         )
         self.cache = _compact(self.cache, np.int32(1), np.int32(1))
@@ -381,6 +438,8 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise EngineError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise EngineError(f"logit_bias keys must be token ids in [0, {vocab}), got {max(params.logit_bias)}")
         room = self.max_len - len(prompt)
         if room < 1:
             raise EngineError(f"the prompt has {len(prompt)} tokens; this server's context is {self.max_len}")
@@ -500,8 +559,16 @@ class Engine:
                 slot.region -= shift
 
     def _sampling(self, rows: Sequence[int]) -> tuple[np.ndarray, ...]:
+        """The programs' per-row settings, fixed shapes whatever the requests (padding rows: greedy)."""
         slots = [self.slots[i] if i < self.max_batch else None for i in rows]
         params = [s.params if s is not None else SamplingParams(temperature=0.0) for s in slots]
+        bias_ids, bias = (
+            np.zeros((len(rows), MAX_LOGIT_BIAS), np.int32),
+            np.zeros((len(rows), MAX_LOGIT_BIAS), np.float32),
+        )
+        for j, p in enumerate(params):
+            bias_ids[j, : len(p.logit_bias)] = list(p.logit_bias.keys())
+            bias[j, : len(p.logit_bias)] = list(p.logit_bias.values())
         return (
             np.array([p.temperature for p in params], np.float32),
             np.array([p.top_k for p in params], np.int32),
@@ -509,6 +576,10 @@ class Engine:
             np.array([s.seed if s else 0 for s in slots], np.uint32),
             np.array([len(s.generated) if s else 0 for s in slots], np.int32),
             np.bool_(any(s is not None and s.params.logprobs for s in slots)),
+            bias_ids,
+            bias,
+            np.array([p.presence_penalty for p in params], np.float32),
+            np.array([p.frequency_penalty for p in params], np.float32),
         )
 
     def _prefill(self, start: int, rows: list[int]) -> None:
@@ -534,12 +605,14 @@ class Engine:
     def _decode(self, rows: list[int]) -> None:
         self._make_room()
         tokens, positions, segment_ids = (np.zeros((self.max_batch,), np.int32) for _ in range(3))
+        fresh = np.zeros((self.max_batch,), bool)
         for i in rows:
             slot = self.slots[i]
             tokens[i], positions[i], segment_ids[i] = slot.pending, slot.filled, slot.uid
-        self.cache, picked = _decode_step(
-            self.graphdef, self.state, self.cache, np.int32(self.index), tokens, positions, segment_ids,
-            self._sampling(range(self.max_batch)),
+            fresh[i] = len(slot.generated) == 1
+        self.cache, self.seen, picked = _decode_step(
+            self.graphdef, self.state, self.cache, self.seen, np.int32(self.index), tokens, positions, segment_ids,
+            fresh, self._sampling(range(self.max_batch)),
         )  # fmt: skip
         self.index += 1
         for i in rows:
