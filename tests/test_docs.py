@@ -60,6 +60,8 @@ DOCS = (
     "docs/judging.md",
     "docs/rating.md",
     "docs/launch.md",
+    "docs/serving.md",
+    "docs/distillation.md",
 )
 # The repository's own top-level directories: a path starting with one of them must exist.
 REPO_DIRS = ("scripts", "benchmarks", "configs", "tests", "docs", "imitax", ".ci")
