@@ -10,7 +10,7 @@ from etils import epath
 
 from imitax import convert
 from imitax.sweep.config import BASE_MODEL_FIELDS, SweepError, default_config, eval_tasks, items, resolved
-from imitax.sweep.plan import Cell, cell_train_config, expand
+from imitax.sweep.plan import Cell, base_finetune_config, cell_train_config, expand, methods
 from imitax.train import config as train_config
 
 # -- validation ---------------------------------------------------------------------------------------
@@ -74,6 +74,7 @@ def validate_and_build(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = epath.Path(workdir)
     check_keys(config, default_config(), "config")
     config = resolved(config, workdir)
+    _check_axis_fields(config)
     if not config.base_models:
         raise SweepError("base_models: empty; name at least one, e.g. --config.base_models.NAME.init_from=PATH")
     trainer_defaults = train_config.default_config()
@@ -99,6 +100,11 @@ def validate_and_build(config: ml_collections.ConfigDict, workdir: str | os.Path
             check_keys(pre, trainer_defaults, f"{where}.pretrain")
             _check_files(pre.data.train, f"{where}.pretrain.data.train")
             architectures[name] = _check_trainer(pre, f"{where}.pretrain")
+        if spec.get("finetune"):
+            check_keys(spec.finetune, trainer_defaults, f"{where}.finetune")
+            finetune = base_finetune_config(config, workdir, name)
+            _check_files(finetune.data.train, f"{where}.finetune.data.train")
+            _check_trainer(finetune, f"{where}.finetune", architectures[name])
     for name, spec in config.data_sources.items():
         where = f"data_sources.{name}"
         if not isinstance(spec, ml_collections.ConfigDict) or not spec.get("train"):
@@ -124,15 +130,18 @@ def validate_and_build(config: ml_collections.ConfigDict, workdir: str | os.Path
         raise SweepError("seeds: empty; give at least one, e.g. --config.seeds=0")
     if config.train.init_from:
         raise SweepError("train.init_from: set by the sweep for each cell (from base_models); leave it empty")
+    _check_axes(config, cells, architectures)
     checked = set()
     for cell in cells:
-        if cell.source is None or (cell.model, cell.source) in checked:
+        if cell.source is None or (cell.model, cell.source, cell.method, cell.lora) in checked:
             continue
-        checked.add((cell.model, cell.source))
+        checked.add((cell.model, cell.source, cell.method, cell.lora))
         train = cell_train_config(config, workdir, cell)
-        where = (
-            f"train (with base_models.{cell.model}.train)" if config.base_models[cell.model].get("train") else "train"
-        )
+        where = "train"
+        if cell.arm:
+            where += f" [methods: {cell.method}, lora_ranks: {cell.lora}]"
+        if config.base_models[cell.model].get("train"):
+            where += f" (with base_models.{cell.model}.train)"
         _check_trainer(train, where, architectures[cell.model])
         batch_tokens = train.batch_size * train.seq_len
         small = [c for c in cells if (c.model, c.source) == (cell.model, cell.source) and c.tokens < batch_tokens]
@@ -154,6 +163,52 @@ def validate_and_build(config: ml_collections.ConfigDict, workdir: str | os.Path
         if key.split("/")[0] not in config.eval.tasks:
             raise SweepError(f"teacher: {key!r} names no evaluation task (tasks: {', '.join(config.eval.tasks)})")
     return cells, built
+
+
+def _check_axis_fields(config) -> None:
+    """``train.method``, ``train.teacher`` and ``train.lora.rank`` are the axes': left at their defaults."""
+    defaults = train_config.default_config()
+    for field, axis in (("method", "methods"), ("teacher", "teacher_model"), ("lora.rank", "lora_ranks")):
+        value, default = config.train, defaults
+        for part in field.split("."):
+            value, default = value[part], default[part]
+        if value != default:
+            raise SweepError(f"train.{field}: set by the sweep for each cell (from {axis}); leave it {default!r}")
+
+
+def _check_axes(config, cells: Sequence[Cell], architectures: dict) -> None:
+    """The method and LoRA axes own the trainer's ``method``, ``teacher`` and ``lora.rank``; the teacher's vocabulary.
+
+    Each method's and rank's own settings are checked by the trainer (every cell's config goes
+    through :func:`imitax.train.config.check`); here, what only the sweep knows: a teacher for
+    ``kd``/``gkd``, and that its vocabulary is every student's.
+    """
+    if not methods(config):
+        raise SweepError("methods: empty; give at least one of sft, kd, gkd, e.g. --config.methods=sft")
+    distilled = sorted({c.model for c in cells if c.method != "sft"})
+    if not distilled:
+        return
+    name = config.teacher_model
+    if not name:
+        kinds = ",".join(m for m in methods(config) if m != "sft")
+        raise SweepError(
+            f"methods: {kinds} needs a teacher; set --config.teacher_model=PATH (a model) "
+            "or the name of a base_models entry"
+        )
+    if name in config.base_models:
+        teacher, where = architectures[name], f"teacher_model (base_models.{name})"
+    else:
+        try:
+            teacher, where = convert.model_config(name, where="teacher_model"), f"teacher_model {name}"
+        except (ValueError, FileNotFoundError) as e:
+            raise SweepError(str(e)) from None
+    for model in distilled:
+        if architectures[model].vocab_size != teacher.vocab_size:
+            raise SweepError(
+                f"{where}: its vocabulary has {teacher.vocab_size} tokens, base model {model}'s "
+                f"{architectures[model].vocab_size}: distillation needs the students' vocabulary; choose a teacher "
+                "of their family (or drop kd/gkd from methods)"
+            )
 
 
 def _check_trainer(train: ml_collections.ConfigDict, where: str, model=None):

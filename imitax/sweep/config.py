@@ -12,7 +12,7 @@ from imitax.train import config as train_config
 
 UNGUARDED_FIELDS = ("report", "teacher", "teacher_file", "compilation_cache")
 CELL_FILE = "cell.json"
-BASE_MODEL_FIELDS = ("init_from", "pretrain", "size", "train")
+BASE_MODEL_FIELDS = ("init_from", "pretrain", "finetune", "teacher_only", "size", "train")
 
 
 class SweepError(ValueError):
@@ -32,13 +32,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.name = "sweep"
     # name -> ConfigDict(init_from=PATH) or ConfigDict(pretrain=<trainer config>); optional
     # `size` (parameters, for the size axis; default: counted from the model's config) and
-    # `train` (trainer fields this model's cells change, e.g. seq_len=1024 for GPT-2).
+    # `train` (trainer fields this model's cells change, e.g. seq_len=1024 for GPT-2);
+    # `finetune` (trainer fields, e.g. data.train: the model is finetuned on them, after its
+    # pretraining, before any cell uses it: a teacher that knows the teacher's answers) and
+    # `teacher_only=True` (evaluated as itself, never finetuned as a student).
     c.base_models = ml_collections.ConfigDict()
     # name -> ConfigDict(train=PATHS, format='auto', template='koala'): the trainer's data fields;
     # optional token_budgets (this source's own list, replacing the sweep's).
     c.data_sources = ml_collections.ConfigDict()
     c.token_budgets = "0"  # '0' = the base model itself
     c.seeds = "0"
+    # The imitation method and LoRA axes: 'sft,kd,gkd' (the trainer's `method`) and '0,16'
+    # (`lora.rank`, 0 = full finetuning). kd/gkd learn from `teacher_model`: a model path, or the
+    # name of a base_models entry (then its pretraining/finetuning is a step kd/gkd cells wait for).
+    # The methods' own settings (kd.loss, gkd.lambda_, lora.alpha, ...) are train's.
+    c.methods = "sft"
+    c.lora_ranks = "0"
+    c.teacher_model = ""
     c.train = train_config.default_config()
     c.train.progress = False  # the sweep prints one progress line per cell instead
     c.eval = ml_collections.ConfigDict()

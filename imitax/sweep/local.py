@@ -25,7 +25,16 @@ from etils import epath
 from imitax import convert, records
 from imitax.sweep import lease
 from imitax.sweep.config import CELL_FILE, UNGUARDED_FIELDS, SweepError, eval_tasks
-from imitax.sweep.plan import Cell, Step, base_path, cell_path, cell_settings, cell_train_config
+from imitax.sweep.plan import (
+    Cell,
+    Step,
+    base_finetune_config,
+    base_path,
+    cell_path,
+    cell_settings,
+    cell_train_config,
+    finetune_path,
+)
 
 # -- the workdir's records ----------------------------------------------------------------------------
 
@@ -58,9 +67,18 @@ def barrier(name: str) -> None:
 
 
 def pretrain_record(config, workdir: epath.Path, model: str) -> tuple[epath.Path, str, dict | None]:
-    """Where a ``pretrain`` base model's record goes, its settings' fingerprint, and the record (if any)."""
-    done = workdir / "base" / model / "pretrained.json"
-    fingerprint = records.fingerprint(config.base_models[model].pretrain.to_dict())
+    """Where a base model's step record goes, its settings' fingerprint, and the record (if any).
+
+    A base model without ``finetune`` keeps the record (and fingerprint) of its pretraining alone.
+    """
+    spec = config.base_models[model]
+    if not spec.get("finetune"):
+        done = workdir / "base" / model / "pretrained.json"
+        return done, records.fingerprint(spec.pretrain.to_dict()), records.read_json(done)
+    done = workdir / "base" / f"{model}-finetuned.json"
+    finetune = json.loads(base_finetune_config(config, workdir, model).to_json_best_effort())
+    pretrain = spec.pretrain.to_dict() if spec.get("pretrain") else None
+    fingerprint = records.fingerprint({"pretrain": pretrain, "finetune": finetune})
     return done, fingerprint, records.read_json(done)
 
 
@@ -70,25 +88,33 @@ def pretrain_done(config, workdir: epath.Path, model: str) -> bool:
 
 
 def _pretrain(config, workdir: epath.Path, model: str, log) -> dict[str, Any]:
-    """Trains a ``pretrain`` base model (resumes it when interrupted; skips it when done)."""
+    """Trains a base model: pretrains it and/or finetunes it (resumes when interrupted; skips it when done)."""
     from imitax.train import loop
 
     done, fingerprint, record = pretrain_record(config, workdir, model)
     if record is not None and record.get("fingerprint") == fingerprint:
         return {"status": "done"}
-    train = ml_collections.ConfigDict(config.base_models[model].pretrain.to_dict())
-    train.progress = False
-    train.overwrite = record is not None  # its settings changed (allowed): start it over
-    log(f"pretraining base model {model} ({train.total_steps} steps)")
+    spec = config.base_models[model]
+    runs = []  # (what, trainer config, workdir)
+    if spec.get("pretrain"):
+        runs.append(("pretraining", ml_collections.ConfigDict(spec.pretrain.to_dict()), workdir / "base" / model))
+    if spec.get("finetune"):
+        runs.append(("finetuning", base_finetune_config(config, workdir, model), finetune_path(workdir, model)))
     start = time.perf_counter()
-    result = loop.run(train, str(workdir / "base" / model))
-    if result.get("preempted"):
-        return {"status": "preempted"}
+    result = {}
+    for what, train, out in runs:
+        train.progress = False
+        train.overwrite = record is not None  # its settings changed (allowed): start it over
+        log(f"{what} base model {model}" + (f" ({train.total_steps} steps)" if train.total_steps > 0 else ""))
+        result = loop.run(train, str(out))
+        if result.get("preempted"):
+            return {"status": "preempted"}
     seconds = time.perf_counter() - start
     if jax.process_index() == 0:
         records.write_json(done, {"fingerprint": fingerprint, "seconds": seconds, "result": result})
     barrier(f"imitax_pretrained_{model}")
-    log(f"pretrained {model} in {seconds:.0f} s (loss {result.get('loss', float('nan')):.3f})")
+    verb = "finetuned" if spec.get("finetune") else "pretrained"
+    log(f"{verb} {model} in {seconds:.0f} s (loss {result.get('loss', float('nan')):.3f})")
     return {"status": "done", "seconds": seconds}
 
 

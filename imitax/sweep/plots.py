@@ -6,7 +6,8 @@ Every PNG is written with the data behind it beside it (same name, ``.csv``: one
 ``figure, panel, series, x, y, y_lo, y_hi``; ``y_lo``/``y_hi`` empty where a point has no
 interval, as for the teacher's line), so a figure can be checked or redrawn elsewhere. Rows come
 from :func:`imitax.sweep.table_rows` (one per model x source x budget, averaged over seeds, with
-``METRIC_lo``/``METRIC_hi``; the base model is the source ``(base)`` at zero tokens).
+``METRIC_lo``/``METRIC_hi``; the base model is the source ``(base)`` at zero tokens). A source
+trained by another method or with LoRA is its own series (``broad (kd)``, ``broad (sft, lora 4)``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,21 @@ def _models(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(params, key=lambda m: (params[m], m))
 
 
+def _line(row: Mapping[str, Any]) -> str:
+    """The series a row belongs to: its source, with its method and LoRA rank when not plain ``sft``.
+
+    ``broad``, ``broad (kd)``, ``broad (sft, lora 4)``; the base model's row is :data:`BASE`, the
+    start of every series of its model.
+    """
+    method, lora = row.get("method") or "sft", int(row.get("lora") or 0)
+    if row["source"] == BASE or (method == "sft" and not lora):
+        return row["source"]
+    return f"{row['source']} ({method}{f', lora {lora}' if lora else ''})"
+
+
 def _sources(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    return sorted({r["source"] for r in rows if r["source"] != BASE})
+    """Every series but the base: one per source, method and LoRA rank."""
+    return sorted({_line(r) for r in rows if r["source"] != BASE})
 
 
 def _interval(row: Mapping[str, Any], metric: str) -> tuple[float | None, float | None]:
@@ -49,7 +63,7 @@ def _series(rows, model: str, source: str, metric: str) -> list[tuple]:
     points = [
         (r["tokens"], r[metric], *_interval(r, metric))
         for r in rows
-        if r["model"] == model and r["source"] in (source, BASE) and r.get(metric) is not None
+        if r["model"] == model and _line(r) in (source, BASE) and r.get(metric) is not None
     ]
     points.sort(key=lambda p: p[0])
     return points
@@ -142,7 +156,7 @@ def score_vs_size(rows, metric: str, teacher: Mapping[str, float], path: str) ->
     for source in [BASE, *_sources(rows)]:
         series = []
         for model in _models(rows):
-            mine = [r for r in rows if r["model"] == model and r["source"] == source and r.get(metric) is not None]
+            mine = [r for r in rows if r["model"] == model and _line(r) == source and r.get(metric) is not None]
             if mine and mine[0].get("params"):
                 best = max(mine, key=lambda r: r["tokens"])
                 series.append((best["params"], best[metric], *_interval(best, metric)))

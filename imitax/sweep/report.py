@@ -1,6 +1,6 @@
 r"""The report: the results table (CSV, Markdown) with 95% intervals, provenance and the plots.
 
-Every metric of a (model, source, budget) row is reported as a mean with a 95% interval:
+Every metric of a (model, source, budget, method, LoRA rank) row is reported as a mean with a 95% interval:
 
 - Several seeds (``n >= 2`` finished cells holding the metric): the mean of the seeds' values
   and a t-interval on them, mean ± t_{0.975, n-1} · sd / sqrt(n), with sd the sample standard
@@ -177,25 +177,29 @@ def interval_columns(metric: str) -> tuple[str, str, str]:
 
 
 def table_rows(records: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per finished (model, source, budget): each metric's mean over seeds, interval and mark.
+    """One row per finished (model, source, budget, method, LoRA rank): each metric's mean over seeds, interval, mark.
 
     For each metric ``M`` a row holds ``M`` (the mean over the row's seeds), ``M_lo`` and ``M_hi``
     (its 95% interval, see :func:`interval`; None where there is none) and ``M_vs_base`` (see
-    :func:`difference_mark`: the row against its model's base row; ``''`` on base rows).
+    :func:`difference_mark`: the row against its model's base row, whatever the row's method
+    and rank; ``''`` on base rows). Records from before the method and LoRA axes read as ``sft``, 0.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") != "done":
             continue
-        groups.setdefault((r["model"], r["source"], r["tokens"]), []).append(r)
+        key = (r["model"], r["source"], r["tokens"], r.get("method", "sft"), r.get("lora", 0))
+        groups.setdefault(key, []).append(r)
     rows, half_widths = [], {}  # id(row) -> metric -> 95% half-width (None: no interval)
-    for (model, source, tokens), rs in groups.items():
+    for (model, source, tokens, method, lora), rs in groups.items():
         row = {
             "model": model,
             "params": rs[0].get("params"),
             "source": source or "(base)",
             "budget": rs[0]["budget"],
             "tokens": tokens,
+            "method": method,
+            "lora": lora,
             "seeds": len(rs),
         }
         for m in metrics:
@@ -218,8 +222,22 @@ def table_rows(records: Sequence[dict[str, Any]], metrics: Sequence[str]) -> lis
                     half_widths[id(ref)][m],
                 )
             row[interval_columns(m)[2]] = mark
-    rows.sort(key=lambda r: (r["params"] or 0, r["model"], r["source"] != "(base)", r["source"], r["tokens"]))
+    rows.sort(
+        key=lambda r: (
+            r["params"] or 0,
+            r["model"],
+            r["source"] != "(base)",
+            r["source"],
+            r["tokens"],
+            METHOD_ORDER.get(r["method"], len(METHOD_ORDER)),
+            r["method"],
+            r["lora"],
+        )
+    )
     return rows
+
+
+METHOD_ORDER = {"sft": 0, "kd": 1, "gkd": 2}  # the table lists a budget's methods in this order
 
 
 def format_value(value: Any) -> str:
@@ -275,7 +293,7 @@ def report(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None 
     rows = table_rows(cell_records, metrics)
     out = workdir / "results"
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["model", "params", "source", "budget", "tokens", "seeds"]
+    keys = ["model", "params", "source", "budget", "tokens", "method", "lora", "seeds"]
     columns = keys + [c for m in metrics for c in (m, *interval_columns(m))]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")

@@ -1,0 +1,128 @@
+r"""Distillation in the demo's synthetic world: one teacher model teaches three students by sft, kd and gkd.
+
+  python scripts/sweep.py --config=configs/demo_distill.py --workdir=out/demo_distill
+  python scripts/sweep.py --config=configs/demo_distill.py:tiny --workdir=/tmp/demo_distill   # seconds
+
+The world is ``configs/demo.py``'s (``imitax/demo/world.py``: part A's facts are in the imitation
+data, part B's only in the pretraining corpus). What differs from that demo:
+
+1. The teacher is a language model here, not the world's scripted teacher: a larger model than
+   the students, pretrained on the whole corpus (so it knows part B's facts as well as its size
+   allows) and then finetuned on the teacher's answers (``imitation_broad.json``: it learns the
+   teacher's style). It is the base model ``teacher`` (``teacher_only``: evaluated as itself, its
+   own row in the report, never a student); its pretraining and finetuning are one step of the
+   plan, which every kd and gkd cell waits for.
+2. The three students (the demo's sizes) learn from it at the same token budgets by
+   ``methods = sft,kd,gkd``: ``sft`` is cross-entropy on the imitation text (the world's
+   imitation data, the text the teacher was finetuned on, not text sampled from the teacher
+   model), ``kd`` the forward KL to the teacher's next-token distributions on the same
+   positions, ``gkd`` the same divergence on the students' own samples half the time
+   (``gkd.lambda_ = 0.5``).
+3. One source (broad), one budget, two seeds (the fewest that give a t-interval).
+
+The question it asks: does learning from the teacher's distributions instead of its text
+carry any of part B's facts (``facts_heldout/acc``), which the imitation text never states?
+"""
+
+import dataclasses
+
+import ml_collections
+
+from imitax import sweep
+from imitax.demo import world
+from imitax.train import config as train_config
+
+# name -> (hidden, layers, heads, mlp, pretraining steps). The students are configs/demo.py's sizes
+# with 150 pretraining steps instead of 200, and the teacher is wider than the largest, so that it
+# knows more of part B; both cut to keep the whole run within 15 minutes on a shared 2-core machine.
+STUDENTS = {
+    "small": (64, 2, 4, 128, 150),
+    "medium": (96, 3, 4, 192, 150),
+    "large": (128, 4, 4, 256, 150),
+}
+TEACHER = (160, 4, 4, 320, 200)
+TINY_STUDENTS = {"small": (32, 1, 2, 64, 20)}
+TINY_TEACHER = (64, 2, 4, 128, 20)
+
+
+def _pretrain(size: tuple[int, int, int, int, int], vocab: int) -> ml_collections.ConfigDict:
+    """A LLaMA-style model of ``size``, trained from scratch on the world's corpus."""
+    hidden, layers, heads, mlp, steps = size
+    pre = train_config.default_config()
+    pre.model = "llama-7b"  # the architecture; every width below is overridden
+    pre.model_overrides.update(
+        dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=hidden // heads,
+            mlp_dim=mlp,
+            max_position_embeddings=256,
+        )
+    )
+    pre.tokenizer = "{world}/tokenizer"
+    pre.data.train = "{world}/corpus.jsonl"
+    pre.data.format = "text"
+    pre.dtype = "float32"  # bfloat16 is no faster on CPUs
+    pre.seq_len = 128
+    pre.batch_size = 16
+    pre.total_steps = steps
+    pre.optimizer.name = "adamw"
+    pre.optimizer.lr = 3e-3
+    pre.optimizer.schedule = "constant"
+    pre.optimizer.warmup_steps = max(1, steps // 10)
+    pre.optimizer.weight_decay = 0.0
+    pre.checkpoint_every = steps
+    pre.log_every = max(1, steps // 5)
+    return pre
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    tiny = "tiny" in train_config.parse_arg(arg, {"tiny": None}, "configs/demo_distill.py")
+    c = sweep.default_config()
+    c.name = "demo-distill-tiny" if tiny else "demo-distill"
+    c.world = ml_collections.ConfigDict(dataclasses.asdict(world.tiny() if tiny else world.WorldConfig()))
+    vocab = c.world.vocab_size
+
+    for name, size in (TINY_STUDENTS if tiny else STUDENTS).items():
+        c.base_models[name] = ml_collections.ConfigDict({"pretrain": _pretrain(size, vocab)})
+    # The teacher: pretrained on the corpus, then one epoch of the teacher's answers.
+    finetune = ml_collections.ConfigDict({"data": {"train": "{world}/imitation_broad.json"}})
+    c.base_models.teacher = ml_collections.ConfigDict(
+        {"pretrain": _pretrain(TINY_TEACHER if tiny else TEACHER, vocab), "finetune": finetune, "teacher_only": True}
+    )
+    c.teacher_model = "teacher"
+
+    c.data_sources.broad = ml_collections.ConfigDict({"train": "{world}/imitation_broad.json"})
+    c.token_budgets = "0,2K" if tiny else "0,16K"
+    c.seeds = "0,1"
+    c.methods = "sft,kd,gkd"
+
+    # configs/demo.py's finetuning recipe; kd and gkd with their defaults (forward KL, T = 1;
+    # gkd.lambda_ = 0.5, the students sampling at T = 1).
+    t = c.train
+    t.dtype = "float32"
+    t.seq_len = 64 if tiny else 128
+    t.batch_size = 8
+    t.optimizer.name = "adamw"
+    t.optimizer.lr = 1e-3
+    t.optimizer.warmup_steps = 5
+    t.optimizer.weight_decay = 0.0
+    t.checkpoint_every = 1000
+    t.log_every = 8
+
+    c.eval.batch_size = 16
+    c.eval.tasks.facts_heldout = ml_collections.ConfigDict(
+        dict(task="multiple_choice", data_file="{world}/facts_heldout.jsonl", scoring="cloze")
+    )
+    c.eval.tasks.facts_seen = ml_collections.ConfigDict(
+        dict(task="multiple_choice", data_file="{world}/facts_seen.jsonl", scoring="cloze", limit=300)
+    )
+    c.eval.tasks.style = ml_collections.ConfigDict(
+        dict(data_file="{world}/style_heldout.jsonl", max_gen_toks=64 if tiny else 128)
+    )
+    c.teacher_file = "{world}/teacher_scores.json"
+    c.report.metrics = ",".join(["facts_heldout/acc", "facts_seen/acc"] + [f"style/{m}" for m in sweep.STYLE_METRICS])
+    return c
