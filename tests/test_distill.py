@@ -153,6 +153,43 @@ def test_a_teacher_identical_to_the_student_gives_zero_loss_and_gradient(student
         assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-6
 
 
+def test_kd_in_chunks_equals_one_pass(student_and_teacher):
+    """KD's loss, its parts and gradients with the logits in chunks of 6 positions (the last of the 16
+    padded) equal one pass over all positions: online (jsd, the teacher's logits chunked too) and
+    from a top-k cache (forward KL), both mixed with the cross-entropy (alpha 0.3).
+
+    Tolerance: float32 sums taken in another order: the sums within 1e-6 of their value, each
+    gradient within 1e-5 of its parameter's largest entry (as for the chunked cross-entropy; a
+    wrong mask, padding or teacher chunk is off by whole per-token terms).
+    """
+    student, teacher = student_and_teacher
+    graphdef, params = nnx.graphdef(student), nnx.state(student, nnx.Param).to_pure_dict()
+    frozen = {"teacher": nnx.state(teacher, nnx.Param).to_pure_dict()}
+    batch = batch_of(student.cfg.vocab_size)
+    top_k = distill.topk_log_probs(teacher(batch["inputs"]), 8)
+    cached = batch | dict(zip(train_step.TEACHER_KEYS, top_k, strict=True))
+    cases = [(batch, distill.KDConfig(loss="jsd", beta=0.3, alpha=0.3, temperature=2.0))]
+    cases += [(cached, distill.KDConfig(loss="forward_kl", alpha=0.3))]
+
+    def terms(p, chunk_len):
+        def loss(p, b, kd):
+            return train_step.kd_loss_terms(
+                graphdef, p, b, kd=kd, teacher_graphdef=nnx.graphdef(teacher), frozen=frozen, chunk_len=chunk_len
+            )
+
+        return [jax.grad(loss, has_aux=True)(p, b, kd) for b, kd in cases]
+
+    whole, chunked = jax.device_get(jax.jit(lambda p: (terms(p, 0), terms(p, 6)))(params))
+    for (grads, aux), (chunked_grads, chunked_aux) in zip(whole, chunked, strict=True):
+        assert aux["tokens"] == 8 * 11 and aux["kd_sum"] > 0.05 and aux["ce_sum"] > 1.0  # both terms count
+        for key in ("loss_sum", "kd_sum", "ce_sum"):
+            np.testing.assert_allclose(chunked_aux[key], aux[key], rtol=1e-6)
+        assert chunked_aux["correct"] == aux["correct"]
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0), chunked_grads, grads
+        )
+
+
 def test_sampled_turns_follow_the_student_left_to_right(student_and_teacher):
     """Each masked target is the student's sample given the sequence so far (checked without the KV cache)."""
     model = student_and_teacher[0]

@@ -28,7 +28,6 @@ import optax
 from flax import nnx
 
 from imitax import sharding
-from imitax.models.transformer import project
 from imitax.sharding import constrain
 from imitax.train import distill, gkd
 from imitax.train.state import TrainState
@@ -84,35 +83,54 @@ def kd_loss_terms(
     teacher_graphdef: nnx.GraphDef | None,
     frozen: Frozen,
     dropout_rng: jax.Array | None = None,
+    chunk_len: int = LOSS_CHUNK_LEN,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed ``(1 - alpha) * divergence + alpha * cross-entropy`` over loss-bearing tokens.
 
     The teacher is the batch's top-k cache entries (:data:`TEACHER_KEYS`) when it has them, else
-    ``frozen['teacher']`` run on the same batch (no dropout, no gradient). The logits are computed
-    whole (``[batch, length, vocab]`` float32, for the student and an online teacher), not in
-    chunks as the plain cross-entropy is.
+    ``frozen['teacher']`` run on the same batch (no dropout, no gradient). Both models' logits go
+    through the vocabulary ``chunk_len`` positions at a time, as the plain cross-entropy's do
+    (:func:`chunked_logit_sums`): the online teacher's final hidden states are computed whole
+    (``[batch, length, embed]``), its logits one chunk at a time beside the student's.
 
     Returns:
       ``(loss_sum, {'loss_sum', 'kd_sum', 'ce_sum', 'tokens', 'correct'})``.
     """
     model = _student(graphdef, params, frozen)
     h_bte, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)
-    logits_btv = model.logits(h_bte)
+    w, w_axes = model.output_weight()
+    mask_bt = batch["loss_mask"].astype(jnp.float32)
+    xs, consts = (batch["targets"], mask_bt), ()
     if "teacher_ids" in batch:
-        kd_bt = distill.topk_token_divergence(
-            logits_btv, batch["teacher_ids"], batch["teacher_logp"], kd.loss, kd.beta, kd.temperature
-        )
+        xs, teacher_axes = xs + (batch["teacher_ids"], batch["teacher_logp"]), None
     else:
         teacher = nnx.merge(teacher_graphdef, frozen["teacher"])
-        teacher_btv = jax.lax.stop_gradient(teacher(batch["inputs"], batch["positions"], batch["segment_ids"]))
-        kd_bt = distill.token_divergence(logits_btv, teacher_btv, kd.loss, kd.beta, kd.temperature)
-    mask_bt = batch["loss_mask"].astype(jnp.float32)
-    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"])
-    correct_bt = (jnp.argmax(logits_btv, axis=-1) == batch["targets"]).astype(jnp.float32)
-    kd_sum, ce_sum = jnp.sum(kd_bt * mask_bt), jnp.sum(ce_bt * mask_bt)
-    loss_sum = (1.0 - kd.alpha) * kd_sum + kd.alpha * ce_sum
-    aux = {"loss_sum": loss_sum, "kd_sum": kd_sum, "ce_sum": ce_sum, "tokens": jnp.sum(mask_bt)}
-    return loss_sum, aux | {"correct": jnp.sum(correct_bt * mask_bt)}
+        teacher_h, _ = teacher.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+        teacher_w, teacher_axes = teacher.output_weight()
+        xs, consts = xs + (jax.lax.stop_gradient(teacher_h),), (jax.lax.stop_gradient(teacher_w),)
+    per_position = functools.partial(_kd_per_position, kd, teacher_axes)
+    sums = chunked_logit_sums(per_position, h_bte, w, w_axes, xs, consts, chunk_len)
+    return sums["loss"], {
+        "loss_sum": sums["loss"],
+        "kd_sum": sums["kd"],
+        "ce_sum": sums["ce"],
+        "tokens": jnp.sum(mask_bt),
+        "correct": sums["correct"],
+    }
+
+
+def _kd_per_position(kd: distill.KDConfig, teacher_axes: str | None, logits, xs, consts) -> dict[str, jax.Array]:
+    """KD's masked per-position terms (``teacher_axes``: the online teacher's output layout; None: a cache)."""
+    targets, mask, *teacher = xs
+    if teacher_axes is None:
+        kd_ = distill.topk_token_divergence(logits, *teacher, kd.loss, kd.beta, kd.temperature)
+    else:
+        teacher_logits = _project(teacher[0], consts[0], teacher_axes)
+        kd_ = distill.token_divergence(logits, teacher_logits, kd.loss, kd.beta, kd.temperature)
+    kd_, ce = kd_ * mask, _ce_per_position(logits, xs, ())
+    return {"loss": (1.0 - kd.alpha) * kd_ + kd.alpha * ce["loss"], "kd": kd_, "ce": ce["loss"]} | {
+        "correct": ce["correct"]
+    }
 
 
 def _student(graphdef: nnx.GraphDef, params: Any, frozen: Frozen | None) -> nnx.Module:
@@ -122,23 +140,14 @@ def _student(graphdef: nnx.GraphDef, params: Any, frozen: Frozen | None) -> nnx.
     return nnx.merge(graphdef, frozen["base"], params)
 
 
-# -- the cross-entropy, chunked ----------------------------------------------------------------
+# -- losses on the logits, chunked ----------------------------------------------------------------
 
 
 def chunked_cross_entropy(h_bte, w, w_axes: str, targets_bt, mask_bt, chunk_len: int = LOSS_CHUNK_LEN):
     """``(sum of masked cross-entropy, count of masked correct argmaxes)`` of ``project(h, w)``.
 
-    With ``chunk_len < length`` the logits are computed ``chunk_len`` positions
-    at a time (``lax.scan``; the length is padded with masked positions to a
-    multiple). Under differentiation each chunk also computes its gradients
-    right away, ``dlogits = mask * (softmax - onehot)``, ``dh = dlogits w^T``,
-    ``dw += h^T dlogits`` (a ``jax.custom_vjp``; the same idea as Liger's fused
-    linear cross-entropy), so the backward pass only scales them: peak memory
-    holds one chunk's logits instead of ``[batch, length, vocab]`` of them, and
-    nothing is computed twice (``jax.checkpoint`` of each chunk would redo the
-    output projection: 10% more FLOPs for GPT-2-124M). The results equal the
-    unchunked ones up to float32 summation order; in bfloat16 compute, the
-    logits' gradient is rounded to bfloat16 before its two matmuls.
+    Through :func:`chunked_logit_sums`: with ``chunk_len < length`` peak memory holds one chunk's
+    logits, not ``[batch, length, vocab]`` of them.
 
     Args:
       h_bte: final hidden states (compute dtype).
@@ -146,13 +155,52 @@ def chunked_cross_entropy(h_bte, w, w_axes: str, targets_bt, mask_bt, chunk_len:
       targets_bt: next-token ids; mask_bt: float32 weight of each position's loss.
       chunk_len: positions per chunk; ``0`` or ``>= length``: one pass, autodiff.
     """
+    sums = chunked_logit_sums(_ce_per_position, h_bte, w, w_axes, (targets_bt, mask_bt), (), chunk_len)
+    return sums["loss"], sums["correct"]
+
+
+def _ce_per_position(logits, xs, consts) -> dict[str, jax.Array]:
+    """The masked cross-entropy and correct argmax of each position (``xs = (targets, mask, ...)``)."""
+    del consts
+    targets, mask = xs[:2]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return {"loss": ce * mask, "correct": (jnp.argmax(logits, axis=-1) == targets) * mask}
+
+
+def chunked_logit_sums(per_position, h_bte, w, w_axes: str, xs, consts=(), chunk_len: int = LOSS_CHUNK_LEN):
+    """Sums over positions of ``per_position(logits, xs, consts)``, with the logits ``project(h, w)``.
+
+    ``per_position`` maps float32 logits ``[..., vocab]`` and the matching positions of ``xs``
+    (arrays ``[batch, length, ...]``) to a dict of float32 per-position terms ``[...]``, masked;
+    its ``'loss'`` is what the gradient is of. ``consts`` are arrays it reads whole (an online
+    teacher's output weight); ``xs`` and ``consts`` get no gradient.
+
+    With ``chunk_len < length`` the logits are computed ``chunk_len`` positions at a time
+    (``lax.scan``; the length is padded with zeros, so a padded position must have mask 0).
+    Under differentiation each chunk also computes its gradients right away: ``dlogits`` by
+    autodiff of the chunk's summed loss, ``dh = dlogits w^T``, ``dw += h^T dlogits`` (a
+    ``jax.custom_vjp``; the same idea as Liger's fused linear cross-entropy), so the backward pass
+    only scales them: peak memory holds one chunk's logits (and a teacher's) instead of ``[batch,
+    length, vocab]`` of them, and nothing is computed twice (``jax.checkpoint`` of each chunk would
+    redo the output projection: 10% more FLOPs for GPT-2-124M). The results equal the unchunked
+    ones up to float32 summation order; in bfloat16 compute, the logits' gradient is rounded to
+    bfloat16 before its two matmuls.
+
+    Returns:
+      the dict of ``per_position``'s keys, each summed to a float32 scalar.
+    """
     t = h_bte.shape[1]
     if chunk_len <= 0 or chunk_len >= t:
-        logits_btv = project(h_bte, w, w_axes)
-        ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, targets_bt)
-        correct_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt).astype(jnp.float32)
-        return jnp.sum(ce_bt * mask_bt), jnp.sum(correct_bt * mask_bt)
-    return _chunked_ce(h_bte, w, targets_bt, mask_bt, w_axes, chunk_len)
+        terms = per_position(_project(h_bte, w, w_axes), tuple(xs), tuple(consts))
+        return {k: jnp.sum(v) for k, v in terms.items()}
+    return _chunked_sums(per_position, w_axes, chunk_len, h_bte, w, tuple(xs), tuple(consts))
+
+
+def _project(h, w, w_axes: str) -> jax.Array:
+    """Float32 logits of ``h [batch, length, e]`` or of a chunk ``h [devices, rows, positions, e]``."""
+    names = ("act_batch", "act_len", "act_vocab") if h.ndim == 3 else ("act_batch", None, "act_len", "act_vocab")
+    logits = jnp.einsum(f"...e,{w_axes}->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, names)
 
 
 def _batch_shards(b: int) -> int:
@@ -172,11 +220,11 @@ def _chunks(x, n: int, d: int, c: int):
     return x.reshape(n, d, b // d, c, *x.shape[3:])
 
 
-def _ce_scan(h_bte, w, targets_bt, mask_bt, w_axes: str, c: int, with_grads: bool):
-    """The chunk loop: sums, and (``with_grads``) ``dloss_sum/dh`` and ``dloss_sum/dw``.
+def _sums_scan(per_position, w_axes: str, c: int, with_grads: bool, h_bte, w, xs, consts):
+    """The chunk loop: the sums, and (``with_grads``) ``dsum['loss']/dh`` and ``dsum['loss']/dw``.
 
     Rows are grouped by the ``d`` devices the batch is split over (dimension letters
-    ``d``, then ``p`` rows per device) and every sum is carried per group: each device
+    ``d``, then ``p`` rows per device) and every sum is kept per group: each device
     adds up its own rows' share of ``dw`` and the single cross-device reduction comes
     after the loop. (Carried whole, ``dw`` was all-reduced once per chunk.)
     """
@@ -186,55 +234,50 @@ def _ce_scan(h_bte, w, targets_bt, mask_bt, w_axes: str, c: int, with_grads: boo
     # The output projection is gathered once here, not once per chunk inside the loop.
     w_c = constrain(w.astype(h_bte.dtype), w_names)
 
-    def chunk(carry, xs):
-        loss_d, correct_d, dw = carry
-        h_dpce, targets_dpc, mask_dpc = xs
-        logits = jnp.einsum(f"dpce,{w_axes}->dpcv", h_dpce, w_c, preferred_element_type=jnp.float32)
-        logits_dpcv = constrain(logits, ("act_batch", None, "act_len", "act_vocab"))
-        lse_dpc = jax.nn.logsumexp(logits_dpcv, axis=-1)
-        onehot_dpcv = jax.nn.one_hot(targets_dpc, logits_dpcv.shape[-1], dtype=jnp.float32)
-        target_logit_dpc = jnp.sum(logits_dpcv * onehot_dpcv, axis=-1)
-        loss_d += jnp.sum((lse_dpc - target_logit_dpc) * mask_dpc, axis=(1, 2))
-        correct_d += jnp.sum((jnp.argmax(logits_dpcv, axis=-1) == targets_dpc) * mask_dpc, axis=(1, 2))
+    def chunk_loss(logits_dpcv, xs_c):
+        terms = per_position(logits_dpcv, xs_c, consts)
+        return jnp.sum(terms["loss"]), {k: jnp.sum(v, axis=(1, 2)) for k, v in terms.items()}
+
+    def chunk(dw, chunk_xs):
+        h_dpce, xs_c = chunk_xs
+        logits_dpcv = _project(h_dpce, w_c, w_axes)
         if not with_grads:
-            return (loss_d, correct_d, dw), None
-        dlogits = (jnp.exp(logits_dpcv - lse_dpc[..., None]) - onehot_dpcv) * mask_dpc[..., None]
+            return dw, (chunk_loss(logits_dpcv, xs_c)[1], None)
+        dlogits, sums_d = jax.grad(chunk_loss, has_aux=True)(logits_dpcv, xs_c)
         dlogits_dpcv = constrain(dlogits.astype(h_dpce.dtype), ("act_batch", None, "act_len", "act_vocab"))
         dh_dpce = jnp.einsum(f"dpcv,{w_axes}->dpce", dlogits_dpcv, w_c, preferred_element_type=jnp.float32)
         dw_d = jnp.einsum(f"dpce,dpcv->d{w_axes}", h_dpce, dlogits_dpcv, preferred_element_type=jnp.float32)
         dw = constrain(dw + dw_d, ("act_batch", *w_names))
-        return (loss_d, correct_d, dw), dh_dpce.astype(h_dpce.dtype)
+        return dw, (sums_d, dh_dpce.astype(h_dpce.dtype))
 
-    zeros_d = constrain(jnp.zeros((d,), jnp.float32), ("act_batch",))
     dw0 = constrain(jnp.zeros((d, *w.shape), jnp.float32), ("act_batch", *w_names)) if with_grads else None
-    xs = tuple(_chunks(x, n, d, c) for x in (h_bte, targets_bt, mask_bt))
-    (loss_d, correct_d, dw), dh = jax.lax.scan(chunk, (zeros_d, zeros_d, dw0), xs)
-    loss_sum, correct = jnp.sum(loss_d), jnp.sum(correct_d)
+    chunked = (_chunks(h_bte, n, d, c), tuple(_chunks(x, n, d, c) for x in xs))
+    dw, (sums_nd, dh) = jax.lax.scan(chunk, dw0, chunked)
+    sums = {k: jnp.sum(v) for k, v in sums_nd.items()}
     if not with_grads:
-        return loss_sum, correct, None, None
+        return sums, None, None
     dh_bte = jnp.moveaxis(dh.reshape(n, b, c, e), 0, 1).reshape(b, n * c, e)[:, :t]
-    return loss_sum, correct, dh_bte, jnp.sum(dw, axis=0).astype(w.dtype)
+    return sums, dh_bte, jnp.sum(dw, axis=0).astype(w.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_ce(h_bte, w, targets_bt, mask_bt, w_axes, c):
-    loss_sum, correct, _, _ = _ce_scan(h_bte, w, targets_bt, mask_bt, w_axes, c, with_grads=False)
-    return loss_sum, correct
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_sums(per_position, w_axes, c, h_bte, w, xs, consts):
+    return _sums_scan(per_position, w_axes, c, False, h_bte, w, xs, consts)[0]
 
 
-def _chunked_ce_fwd(h_bte, w, targets_bt, mask_bt, w_axes, c):
-    loss_sum, correct, dh_bte, dw = _ce_scan(h_bte, w, targets_bt, mask_bt, w_axes, c, with_grads=True)
-    return (loss_sum, correct), (dh_bte, dw)
+def _chunked_sums_fwd(per_position, w_axes, c, h_bte, w, xs, consts):
+    sums, dh_bte, dw = _sums_scan(per_position, w_axes, c, True, h_bte, w, xs, consts)
+    return sums, (dh_bte, dw)
 
 
-def _chunked_ce_bwd(w_axes, c, residuals, cotangents):
-    del w_axes, c
+def _chunked_sums_bwd(per_position, w_axes, c, residuals, cotangents):
+    del per_position, w_axes, c
     dh_bte, dw = residuals
-    g = cotangents[0]  # of loss_sum; `correct` (an argmax count) has no gradient
+    g = cotangents["loss"]  # the other sums (counts, the loss's parts) are reported, not differentiated
     return (g.astype(dh_bte.dtype) * dh_bte, g.astype(dw.dtype) * dw, None, None)
 
 
-_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+_chunked_sums.defvjp(_chunked_sums_fwd, _chunked_sums_bwd)
 
 
 def make_train_step(
@@ -257,7 +300,7 @@ def make_train_step(
       schedule: the learning-rate schedule (for the metrics).
       grad_accum_steps: the global batch is split into this many micro-batches,
         run one after another (``lax.scan``) with their gradients summed.
-      loss_chunk_len: sequence positions per cross-entropy chunk (0 = unchunked).
+      loss_chunk_len: sequence positions per chunk of the logits' loss (cross-entropy or KD; 0 = unchunked).
       kd: distill from the teacher in ``frozen['teacher']`` (:func:`kd_loss_terms`), or None (SFT).
       teacher_graphdef: the teacher's graph definition (with ``kd``).
       on_policy: GKD (with ``kd``): with probability ``lambda_`` the batch's teacher turns are
@@ -266,7 +309,9 @@ def make_train_step(
     if kd is None:
         loss_fn = functools.partial(loss_terms, graphdef, chunk_len=loss_chunk_len)
     else:
-        loss_fn = functools.partial(kd_loss_terms, graphdef, kd=kd, teacher_graphdef=teacher_graphdef)
+        loss_fn = functools.partial(
+            kd_loss_terms, graphdef, kd=kd, teacher_graphdef=teacher_graphdef, chunk_len=loss_chunk_len
+        )
     grad_fn = jax.grad(lambda p, b, rng, frozen: loss_fn(p, b, dropout_rng=rng, frozen=frozen), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch, frozen: Frozen | None = None):
