@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -212,3 +213,80 @@ def test_references_from_collected_records(tmp_path):
     collected.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:1]))
     with pytest.raises(ValueError, match=r"record 2: id 'a' appears twice"):
         pairwise.read_references(collected)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaMA with the test tokenizer, saved as a Hugging Face directory (model and judge)."""
+    import torch
+
+    from tests.hf_models import randomize, tiny_hf_config
+
+    config = tiny_hf_config("llama")
+    config.vocab_size, config.max_position_embeddings = 320, 512  # the tokenizer has 300 ids
+    torch.manual_seed(0)
+    model = randomize(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(path, safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(str(th.DATA / "tokenizer")).save_pretrained(path)
+    return path
+
+
+def test_script_with_a_tiny_local_judge(tiny_dir, tmp_path):
+    """scripts/evaluate.py end to end, the judge a local model path served in-process: a random judge's
+    replies hold no verdict (or a stray one); each is counted as the samples file shows, nothing crashes."""
+    prompts, references = tmp_path / "prompts.jsonl", tmp_path / "references.jsonl"
+    questions = {"a": "Name a color.", "b": "What is two plus two?"}
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": q}) + "\n" for i, q in questions.items()))
+    references.write_text("".join(json.dumps({"id": i, "response": f"answer {i}"}) + "\n" for i in questions))
+    out = tmp_path / "out"
+    args = [f"--model={tiny_dir}", f"--output_dir={out}", "--tasks=pairwise", "--max_gen_toks=8"]
+    args += [f"--pairwise_prompts={prompts}", f"--pairwise_reference={references}", f"--judge={tiny_dir}"]
+    done = subprocess.run(
+        [sys.executable, str(th.ROOT / "scripts" / "evaluate.py"), *args],
+        env=th.script_env(tmp_path / "cache", device_count=1), cwd=th.ROOT, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pairwise (n=2, 0-shot)" in done.stdout
+    result = json.loads((out / "results.json").read_text())["results"]["pairwise"]
+    samples = [json.loads(line) for line in (out / "samples_pairwise.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in samples] == list(questions) and result["n"] == 2
+    assert result["info"]["judge"] == str(tiny_dir) and result["info"]["judge_model"] == "tiny-llama"
+    # Every reply came back (none failed); its verdict is its one distinct [[A]], [[B]] or [[C]], else None.
+    replies = [r for s in samples for r in s["judge_replies"]]
+    assert len(replies) == 4 and all(isinstance(r, str) and r for r in replies)
+    expected = [v.pop() if len(v := set(re.findall(r"\[\[([ABC])\]\]", r))) == 1 else None for r in replies]
+    assert [v for s in samples for v in s["verdicts"]] == expected
+    m = result["metrics"]
+    unparseable = sum(v is None for v in expected)
+    assert (m["unparseable"], m["unparseable_rate"]) == (unparseable, pytest.approx(unparseable / 4))
+    judged = [s["outcome"] for s in samples if None not in s["verdicts"]]
+    assert m["judged"] == len(judged) and result["info"]["judge_failed"] == 0
+    for outcome in pairwise.OUTCOMES:  # no item judged: no rate (null in strict JSON), not a crash or a 0
+        want = judged.count(outcome) / len(judged) if judged else None
+        assert m[f"{outcome}_rate"] == (pytest.approx(want) if judged else None)
+
+
+def test_pairwise_is_a_sweep_eval_task(tmp_path):
+    """The sweep validates ``eval.tasks.ALIAS`` as it does before training (imitax.sweep.checks): its open
+    field takes the alias, and the evaluator builds and loads the task (files read, judge URL asked)."""
+    import ml_collections
+
+    from imitax.sweep import checks
+    from imitax.sweep.config import default_config, eval_tasks
+
+    prompts, references = tmp_path / "p.jsonl", tmp_path / "r.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    references.write_text('{"id": "a", "response": "z"}\n{"id": "b", "response": "w"}\n')
+    config = default_config()
+    with running(judge_app()) as url:
+        spec = {"task": "pairwise", "data_file": str(prompts), "reference_file": str(references), "judge": url}
+        config.eval.tasks.judge = ml_collections.ConfigDict(spec)
+        checks.check_keys(config, default_config(), "config")
+        built = evaluator.build_tasks(eval_tasks(config), load=True)
+    assert isinstance(built["judge"], pairwise.Pairwise)
+    assert [(i["id"], i["prompt"], i["reference"]) for i in built["judge"].load()] == [("a", "x", "z"), ("b", "y", "w")]
+    config.eval.tasks.judge.judge = "http://127.0.0.1:9/v1"  # nothing listens there
+    with pytest.raises(ValueError, match=r"^judge: http://127\.0\.0\.1:9/v1 is unreachable .*; start it or fix"):
+        evaluator.build_tasks(eval_tasks(config), load=True)

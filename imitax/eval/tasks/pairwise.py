@@ -323,7 +323,8 @@ class Pairwise:
             for a, b in ((answer, item["reference"]), (item["reference"], answer)):
                 questions.append(JUDGE_USER.format(question=item["prompt"], answer_a=a, answer_b=b))
         sampling = Sampling(max_tokens=self.judge_max_tokens, temperature=0.0, seed=self.seed)
-        with open_teacher(self.judge) as url:
+        # A local judge gets one cache slot per request in flight: never more than ``concurrency``.
+        with open_teacher(self.judge, max_batch=self.concurrency) as url:
             key = os.environ.get(self.judge_api_key_env)
             judge = Teacher(url, self.judge_model, key, sampling, max_retries=self.judge_max_retries)
 
