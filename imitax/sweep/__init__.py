@@ -1,4 +1,4 @@
-r"""Data-scaling sweeps: base models x imitation-data sources x token budgets x seeds.
+r"""Data-scaling sweeps: base models x imitation-data sources x token budgets x seeds (x methods x LoRA ranks).
 
 A sweep config (``configs/paper/sweep.py``, ``configs/demo.py``; start from :func:`default_config`)
 names the base models, the imitation-data sources, the token budgets,
@@ -7,7 +7,10 @@ starts from) and the evaluation tasks. Each cell finetunes one base model on one
 ``budget`` tokens (the trainer's nested budgets: a smaller budget is a subset of a larger one)
 and then evaluates the result; the budget ``0`` evaluates the base model itself, once per model.
 A base model is a Hugging Face directory, an imitax checkpoint or training workdir, or a trainer
-config that trains it from scratch first (``pretrain``).
+config that trains it from scratch first (``pretrain``), optionally finetuned before use
+(``finetune``). ``methods`` (``sft``, ``kd``, ``gkd``) and ``lora_ranks`` add the training
+method and the LoRA rank as axes inside each (source, budget, seed); ``kd``/``gkd`` cells learn
+from ``teacher_model`` (a path, or a base model whose step they wait for).
 
 The package's parts, one job each: :mod:`~imitax.sweep.config` (the fields and their defaults),
 :mod:`~imitax.sweep.plan` (the grid's cells, each one's trainer config and fingerprinted
@@ -24,6 +27,7 @@ The sweep workdir::
     sweep_config.json          the config this workdir belongs to (a different one is refused)
     world/                     the demo's generated data (when the config has a ``world``)
     base/<model>/              a pretrained base model's training workdir
+    base/<model>-finetuned/    a base model's ``finetune`` workdir (its weights from then on)
     cells/<cell id>/           cell.json (status, metrics, timings, error, worker), train/ (trainer
                                workdir), eval/<task>/ (results.json, samples_<task>.jsonl),
                                lease.json (while a driver runs it)
