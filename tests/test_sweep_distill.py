@@ -149,7 +149,11 @@ def test_sft_and_kd_with_and_without_lora_run_end_to_end(assets, distill_sweep):
 
 
 BAD = [
-    ("unknown method", lambda c, a: c.__setitem__("methods", "sft,dpo"), r"unknown method 'dpo'; known: sft, kd, gkd"),
+    (
+        "unknown method",
+        lambda c, a: c.__setitem__("methods", "sft,dpo"),
+        r"^methods: unknown method 'dpo'; known: sft, kd, gkd$",
+    ),
     (
         "kd without a teacher",
         lambda c, a: c.__setitem__("teacher_model", ""),
@@ -161,6 +165,11 @@ BAD = [
         r"^teacher_model .*other_vocab: its vocabulary has \d+ tokens, base model m1's \d+",
     ),
     ("bad rank", lambda c, a: c.__setitem__("lora_ranks", "0,x"), r"^lora_ranks: expected integers"),
+    (
+        "bad kd setting",
+        lambda c, a: c.train.kd.__setitem__("beta", 1.5),
+        r"^train \[methods: kd, lora_ranks: 0\]\.kd\.beta must be in \[0, 1\]",
+    ),
     (
         "method set in train",
         lambda c, a: c.train.__setitem__("method", "kd"),

@@ -183,8 +183,12 @@ def _check_axes(config, cells: Sequence[Cell], architectures: dict) -> None:
     through :func:`imitax.train.config.check`); here, what only the sweep knows: a teacher for
     ``kd``/``gkd``, and that its vocabulary is every student's.
     """
+    known = ", ".join(train_config.METHODS)
     if not methods(config):
-        raise SweepError("methods: empty; give at least one of sft, kd, gkd, e.g. --config.methods=sft")
+        raise SweepError(f"methods: empty; give at least one of {known}, e.g. --config.methods=sft")
+    unknown = [m for m in methods(config) if m not in train_config.METHODS]
+    if unknown:  # named here by the sweep's field; the trainer's check names its own
+        raise SweepError(f"methods: unknown method {unknown[0]!r}; known: {known}")
     distilled = sorted({c.model for c in cells if c.method != "sft"})
     if not distilled:
         return
