@@ -56,6 +56,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -226,7 +227,22 @@ _POSITION_AXIS = {"k": 3, "v": 3, "segment_ids": 1, "positions": 1}
 # -- the compiled programs ------------------------------------------------------------------------
 
 
-def _pick(logits_bv, sampling, penalty_bv=None):
+class _Settings(NamedTuple):
+    """Each row's sampling settings as the programs take them: arrays of fixed shapes, whatever the requests."""
+
+    temperature_b: np.ndarray
+    top_k_b: np.ndarray
+    top_p_b: np.ndarray
+    seeds_b: np.ndarray
+    counts_b: np.ndarray  # tokens generated so far (the sampling key's step)
+    want_top: np.ndarray  # some row asks for the top log-probabilities
+    bias_ids_bk: np.ndarray  # logit_bias as MAX_LOGIT_BIAS (id, value) pairs; padding (0, 0.0)
+    bias_bk: np.ndarray
+    presence_b: np.ndarray
+    frequency_b: np.ndarray
+
+
+def _pick(logits_bv, sampling: _Settings, penalty_bv=None):
     """Per-row tokens (greedy where the temperature is 0), their log-probabilities and the top ones.
 
     The tokens are picked from the logits plus each row's logit bias minus ``penalty_bv`` (the
@@ -235,10 +251,10 @@ def _pick(logits_bv, sampling, penalty_bv=None):
     log-probabilities run only when some row asks for them (``lax.cond``): a greedy step
     without logprobs costs an argmax and a log-sum-exp.
     """
-    temperature_b, top_k_b, top_p_b, seeds_b, counts_b, want_top, bias_ids_bk, bias_bk = sampling[:8]
+    temperature_b, top_k_b, top_p_b, seeds_b, counts_b = sampling[:5]
     raw_bv = logits_bv.astype(jnp.float32)
     rows_b1 = jnp.arange(raw_bv.shape[0])[:, None]
-    adjusted_bv = raw_bv.at[rows_b1, bias_ids_bk].add(bias_bk)  # padding entries add 0 to token 0
+    adjusted_bv = raw_bv.at[rows_b1, sampling.bias_ids_bk].add(sampling.bias_bk)  # padding adds 0 to token 0
     if penalty_bv is not None:
         adjusted_bv = adjusted_bv - penalty_bv
     greedy_b = jnp.argmax(adjusted_bv, axis=-1).astype(jnp.int32)
@@ -269,7 +285,7 @@ def _pick(logits_bv, sampling, penalty_bv=None):
         return ids, values - logz_b[:, None]
 
     empty = (jnp.zeros((raw_bv.shape[0], k), jnp.int32), jnp.zeros((raw_bv.shape[0], k), jnp.float32))
-    top_ids, top_vals = jax.lax.cond(want_top, top, lambda: empty)
+    top_ids, top_vals = jax.lax.cond(sampling.want_top, top, lambda: empty)
     return token_b, chosen_b, top_ids, top_vals
 
 
@@ -302,9 +318,8 @@ def _decode_step(graphdef, state, cache, seen_bv, index, tokens_b, positions_b, 
     cache = constrain_cache(cache)
     seen_bv = jnp.where(fresh_b[:, None], 0, seen_bv)
     seen_bv = seen_bv.at[jnp.arange(seen_bv.shape[0]), tokens_b].add((segment_ids_b != 0).astype(seen_bv.dtype))
-    presence_b, frequency_b = sampling[8:]
     counts_bv = seen_bv.astype(jnp.float32)
-    penalty_bv = presence_b[:, None] * (seen_bv > 0) + frequency_b[:, None] * counts_bv
+    penalty_bv = sampling.presence_b[:, None] * (seen_bv > 0) + sampling.frequency_b[:, None] * counts_bv
     return {name: cache[name] for name in _SLOT_AXIS}, seen_bv, _pick(logits_b1v[:, 0], sampling, penalty_bv)
 
 
@@ -558,7 +573,7 @@ class Engine:
             if slot is not None and slot.region is not None:
                 slot.region -= shift
 
-    def _sampling(self, rows: Sequence[int]) -> tuple[np.ndarray, ...]:
+    def _sampling(self, rows: Sequence[int]) -> _Settings:
         """The programs' per-row settings, fixed shapes whatever the requests (padding rows: greedy)."""
         slots = [self.slots[i] if i < self.max_batch else None for i in rows]
         params = [s.params if s is not None else SamplingParams(temperature=0.0) for s in slots]
@@ -569,7 +584,7 @@ class Engine:
         for j, p in enumerate(params):
             bias_ids[j, : len(p.logit_bias)] = list(p.logit_bias.keys())
             bias[j, : len(p.logit_bias)] = list(p.logit_bias.values())
-        return (
+        return _Settings(
             np.array([p.temperature for p in params], np.float32),
             np.array([p.top_k for p in params], np.int32),
             np.array([p.top_p for p in params], np.float32),
