@@ -8,20 +8,28 @@ Every case is the trainer's own step (``step.make_train_step`` and ``step.jit_tr
 explicit shardings, a donated state) on one CPU device, float32, on the same random batch with
 every position carrying loss:
 
-- ``full``: supervised finetuning of every weight (the reference of the ratios);
-- ``lora r16``: the same with rank-16 adapters on the attention and MLP projections (alpha 32),
-  the base weights frozen beside the state;
+- ``full``: supervised finetuning of every weight (the reference of the ratios), its
+  cross-entropy over the vocabulary 256 positions at a time (the trainer's default);
+- ``full, loss unchunked``: the same with all 512 positions' logits at once (``loss_chunk_len=0``);
+- ``full, remat``: the same as ``full`` with ``remat='full'`` (each layer's activations recomputed
+  in the backward pass instead of kept);
+- ``lora r16``: ``full`` with rank-16 adapters on the attention and MLP projections (alpha 32),
+  the base weights frozen beside the state; ``lora r16, remat``: the same with ``remat='full'``;
 - ``kd online``: full finetuning on the forward KL to a same-size teacher run inside the step;
-- ``kd cache``: the same loss against a top-k cache (k = 64) read with the batch;
+- ``kd cache``: the same loss against a top-k cache (k = 64) read with the batch (both KD cases
+  take the logits, the student's and the teacher's, in chunks of 256 positions like ``full``);
 - ``gkd``: online KD where every batch is on-policy (``lambda_ = 1``): the student first samples
   every position left to right with its KV cache (512 decode steps), then trains on the teacher's
   divergence on its samples (GKD's cost; at ``lambda_`` < 1 a step costs ``kd online`` or this).
 
-The steps are timed round-robin after a warm-up (medians; compile time apart). Memory is the
+The steps are timed round-robin after a warm-up (compile time apart): "x full" is the median over
+rounds of each round's ratio to that round's ``full`` step, in wall time and in this process's CPU
+time (the machine is shared: other processes' load slows the wall clock, not the CPU time). Memory is the
 compiled step's ``memory_analysis()``: its peak is arguments + outputs - donated (aliased) +
 temporaries. "State bytes per base parameter" counts what lives between steps: the train state
 (trained weights and their AdamW moments) plus the frozen weights (a LoRA base, a teacher),
-divided by the base model's parameter count. Targets: LoRA's peak <= 40% of full finetuning's,
+divided by the base model's parameter count. Targets: LoRA's peak <= 40% of full finetuning's
+(without remat, and with remat on both),
 online KD's step <= 1.6x SFT's, cache KD's <= 1.1x. The load average is printed: the machine is
 shared.
 """
@@ -29,6 +37,7 @@ shared.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 
 from absl import app, flags
@@ -87,8 +96,21 @@ def batch_of(cfg, rows: int, length: int, cached: bool) -> dict[str, np.ndarray]
 class Case:
     """One compiled step and its state, stepped in place."""
 
-    def __init__(self, name: str, cfg, batch, *, rank: int = 0, kd: bool = False, online: bool = False, gkd=None):
+    def __init__(
+        self,
+        name: str,
+        cfg,
+        batch,
+        *,
+        rank: int = 0,
+        kd: bool = False,
+        online: bool = False,
+        gkd=None,
+        remat: str = "none",
+        chunk_len: int = train_step.LOSS_CHUNK_LEN,
+    ):
         self.name = name
+        cfg = cfg.replace(remat=remat)
         mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
         opt_cfg = train_config.default_config().optimizer
         opt_cfg.name, opt_cfg.warmup_steps = "adamw", 10
@@ -111,6 +133,7 @@ class Case:
                 nnx.graphdef(model),
                 optimizer,
                 schedule,
+                loss_chunk_len=chunk_len,
                 kd=KD if kd else None,
                 teacher_graphdef=teacher_graphdef,
                 on_policy=gkd,
@@ -124,7 +147,8 @@ class Case:
             lowered = jitted.lower(self.state, self.batch, *self.args)
             self.compiled, self.compile_s = common.timed(lowered.compile)
         m = self.compiled.memory_analysis()
-        self.peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        self.arguments, self.temporaries = m.argument_size_in_bytes, m.temp_size_in_bytes
+        self.peak = self.arguments + m.output_size_in_bytes - m.alias_size_in_bytes + self.temporaries
         live = jax.tree.leaves((self.state.params, self.state.opt_state, frozen))
         self.state_bytes = sum(x.size * x.dtype.itemsize for x in live)
 
@@ -139,7 +163,10 @@ def main(argv):
     plain, cached = batch_of(cfg, rows, length, False), batch_of(cfg, rows, length, True)
     cases = [
         Case("full", cfg, plain),
+        Case("full, loss unchunked", cfg, plain, chunk_len=0),
+        Case("full, remat", cfg, plain, remat="full"),
         Case("lora r16", cfg, plain, rank=16),
+        Case("lora r16, remat", cfg, plain, rank=16, remat="full"),
         Case("kd online", cfg, plain, kd=True, online=True),
         Case("kd cache", cfg, cached, kd=True),
         Case("gkd", cfg, plain, kd=True, online=True, gkd=gkd_lib.GKDConfig(lambda_=1.0)),
@@ -154,21 +181,26 @@ def main(argv):
         f"1 CPU device ({os.cpu_count()} cores), {_ITERS.value} timed steps each",
         f"load average before {load_before[0]:.1f} / after {load_after[0]:.1f} (1 min)",
         "",
-        "| case | step (s, median) | tokens/s | x full step | state bytes / base param | peak memory (MiB) "
-        "| x full peak | compile (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | step (s, median) | tokens/s | x full step | x full CPU time | state bytes / base param "
+        "| arguments (MiB) | temporaries (MiB) | peak memory (MiB) | x full peak | compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ref = timings["full"]
+    ratios = {c.name: common.paired_speedup(ref, timings[c.name]) for c in cases}
     for c in cases:
-        t = timings[c.name].median
+        t, cpu = timings[c.name], timings[c.name].cpu_samples
+        cpu_ratio = statistics.median(a / b for a, b in zip(cpu, ref.cpu_samples, strict=True))
         lines.append(
-            f"| {c.name} | {t:.3f} | {tokens / t:,.0f} | {t / timings['full'].median:.2f} "
-            f"| {c.state_bytes / c.base_params:.2f} | {c.peak / 2**20:,.0f} | {c.peak / full.peak:.2f} "
-            f"| {c.compile_s:.1f} |"
+            f"| {c.name} | {t.median:.3f} | {tokens / t.median:,.0f} | {ratios[c.name]:.2f} | {cpu_ratio:.2f} "
+            f"| {c.state_bytes / c.base_params:.2f} | {c.arguments / 2**20:,.0f} | {c.temporaries / 2**20:,.0f} "
+            f"| {c.peak / 2**20:,.0f} | {c.peak / full.peak:.2f} | {c.compile_s:.1f} |"
         )
-    ratios = {c.name: timings[c.name].median / timings["full"].median for c in cases}
-    ratios["lora peak"] = cases[1].peak / full.peak
+    peaks = {c.name: c.peak for c in cases}
+    ratios["lora peak"] = peaks["lora r16"] / peaks["full"]
+    ratios["lora remat peak"] = peaks["lora r16, remat"] / peaks["full, remat"]
     checks = [
         ("LoRA peak memory", "lora peak", 0.4),
+        ("LoRA peak memory, remat on both", "lora remat peak", 0.4),
         ("online KD step", "kd online", 1.6),
         ("cache KD step", "kd cache", 1.1),
     ]

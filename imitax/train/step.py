@@ -220,8 +220,8 @@ def _chunks(x, n: int, d: int, c: int):
     return x.reshape(n, d, b // d, c, *x.shape[3:])
 
 
-def _sums_scan(per_position, w_axes: str, c: int, with_grads: bool, h_bte, w, xs, consts):
-    """The chunk loop: the sums, and (``with_grads``) ``dsum['loss']/dh`` and ``dsum['loss']/dw``.
+def _sums_scan(per_position, w_axes: str, c: int, with_grads: bool, h_bte, w, xs, consts, with_dw: bool = True):
+    """The chunk loop: the sums, and (``with_grads``) ``dsum['loss']/dh`` and (``with_dw``) ``dsum['loss']/dw``.
 
     Rows are grouped by the ``d`` devices the batch is split over (dimension letters
     ``d``, then ``p`` rows per device) and every sum is kept per group: each device
@@ -246,18 +246,20 @@ def _sums_scan(per_position, w_axes: str, c: int, with_grads: bool, h_bte, w, xs
         dlogits, sums_d = jax.grad(chunk_loss, has_aux=True)(logits_dpcv, xs_c)
         dlogits_dpcv = constrain(dlogits.astype(h_dpce.dtype), ("act_batch", None, "act_len", "act_vocab"))
         dh_dpce = jnp.einsum(f"dpcv,{w_axes}->dpce", dlogits_dpcv, w_c, preferred_element_type=jnp.float32)
-        dw_d = jnp.einsum(f"dpce,dpcv->d{w_axes}", h_dpce, dlogits_dpcv, preferred_element_type=jnp.float32)
-        dw = constrain(dw + dw_d, ("act_batch", *w_names))
+        if with_dw:
+            dw_d = jnp.einsum(f"dpce,dpcv->d{w_axes}", h_dpce, dlogits_dpcv, preferred_element_type=jnp.float32)
+            dw = constrain(dw + dw_d, ("act_batch", *w_names))
         return dw, (sums_d, dh_dpce.astype(h_dpce.dtype))
 
-    dw0 = constrain(jnp.zeros((d, *w.shape), jnp.float32), ("act_batch", *w_names)) if with_grads else None
+    with_dw = with_grads and with_dw
+    dw0 = constrain(jnp.zeros((d, *w.shape), jnp.float32), ("act_batch", *w_names)) if with_dw else None
     chunked = (_chunks(h_bte, n, d, c), tuple(_chunks(x, n, d, c) for x in xs))
     dw, (sums_nd, dh) = jax.lax.scan(chunk, dw0, chunked)
     sums = {k: jnp.sum(v) for k, v in sums_nd.items()}
     if not with_grads:
         return sums, None, None
     dh_bte = jnp.moveaxis(dh.reshape(n, b, c, e), 0, 1).reshape(b, n * c, e)[:, :t]
-    return sums, dh_bte, jnp.sum(dw, axis=0).astype(w.dtype)
+    return sums, dh_bte, jnp.sum(dw, axis=0).astype(w.dtype) if with_dw else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -266,7 +268,11 @@ def _chunked_sums(per_position, w_axes, c, h_bte, w, xs, consts):
 
 
 def _chunked_sums_fwd(per_position, w_axes, c, h_bte, w, xs, consts):
-    sums, dh_bte, dw = _sums_scan(per_position, w_axes, c, True, h_bte, w, xs, consts)
+    """Primals come as ``CustomVJPPrimal`` (``symbolic_zeros``): an output weight that is not
+    differentiated (a LoRA run's frozen embedding) gets no ``dw`` (a ``[vocab, embed]`` float32
+    buffer per device and a third of the chunk loop's FLOPs), rather than leaving XLA to find it dead."""
+    xs, consts = jax.tree.map(lambda x: x.value, (xs, consts))
+    sums, dh_bte, dw = _sums_scan(per_position, w_axes, c, True, h_bte.value, w.value, xs, consts, w.perturbed)
     return sums, (dh_bte, dw)
 
 
@@ -274,10 +280,11 @@ def _chunked_sums_bwd(per_position, w_axes, c, residuals, cotangents):
     del per_position, w_axes, c
     dh_bte, dw = residuals
     g = cotangents["loss"]  # the other sums (counts, the loss's parts) are reported, not differentiated
-    return (g.astype(dh_bte.dtype) * dh_bte, g.astype(dw.dtype) * dw, None, None)
+    dw = None if dw is None else g.astype(dw.dtype) * dw
+    return (g.astype(dh_bte.dtype) * dh_bte, dw, None, None)
 
 
-_chunked_sums.defvjp(_chunked_sums_fwd, _chunked_sums_bwd)
+_chunked_sums.defvjp(_chunked_sums_fwd, _chunked_sums_bwd, symbolic_zeros=True)
 
 
 def make_train_step(
