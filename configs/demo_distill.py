@@ -33,14 +33,14 @@ from imitax.demo import world
 from imitax.train import config as train_config
 
 # name -> (hidden, layers, heads, mlp, pretraining steps). The students are configs/demo.py's sizes
-# with 150 pretraining steps instead of 200, and the teacher is wider than the largest, so that it
-# knows more of part B; both cut to keep the whole run within 15 minutes on a shared 2-core machine.
+# with 150 pretraining steps instead of 200 (to keep the run within 15 minutes on a shared 2-core
+# machine); the teacher is wider than the largest and pretrains longer, so that it knows more of part B.
 STUDENTS = {
     "small": (64, 2, 4, 128, 150),
     "medium": (96, 3, 4, 192, 150),
     "large": (128, 4, 4, 256, 150),
 }
-TEACHER = (160, 4, 4, 320, 200)
+TEACHER = (160, 4, 4, 320, 400)
 TINY_STUDENTS = {"small": (32, 1, 2, 64, 20)}
 TINY_TEACHER = (64, 2, 4, 128, 20)
 
@@ -88,8 +88,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     for name, size in (TINY_STUDENTS if tiny else STUDENTS).items():
         c.base_models[name] = ml_collections.ConfigDict({"pretrain": _pretrain(size, vocab)})
-    # The teacher: pretrained on the corpus, then one epoch of the teacher's answers.
+    # The teacher: pretrained on the corpus, then finetuned on the first 24K tokens of the teacher's
+    # answers (enough to take up their style; a full epoch cost it held-out facts in a first run).
     finetune = ml_collections.ConfigDict({"data": {"train": "{world}/imitation_broad.json"}})
+    finetune.data.token_budget = "" if tiny else "24K"
     c.base_models.teacher = ml_collections.ConfigDict(
         {"pretrain": _pretrain(TINY_TEACHER if tiny else TEACHER, vocab), "finetune": finetune, "teacher_only": True}
     )
