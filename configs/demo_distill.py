@@ -8,8 +8,8 @@ data, part B's only in the pretraining corpus). What differs from that demo:
 
 1. The teacher is a language model here, not the world's scripted teacher: a larger model than
    the students, pretrained on the whole corpus (so it knows part B's facts as well as its size
-   allows) and then finetuned on the teacher's answers (``imitation_broad.json``: it learns the
-   teacher's style). It is the base model ``teacher`` (``teacher_only``: evaluated as itself, its
+   allows) and then finetuned on the first 24K tokens of the teacher's answers
+   (``imitation_broad.json``). It is the base model ``teacher`` (``teacher_only``: evaluated as itself, its
    own row in the report, never a student); its pretraining and finetuning are one step of the
    plan, which every kd and gkd cell waits for.
 2. The three students (the demo's sizes) learn from it at the same token budgets by
@@ -18,7 +18,9 @@ data, part B's only in the pretraining corpus). What differs from that demo:
    model), ``kd`` the forward KL to the teacher's next-token distributions on the same
    positions, ``gkd`` the same divergence on the students' own samples half the time
    (``gkd.lambda_ = 0.5``).
-3. One source (broad), one budget, two seeds (the fewest that give a t-interval).
+3. One source (broad), one budget (16K tokens), two seeds (the fewest that give a t-interval).
+
+``docs/demo_distill_results.md`` has what one run showed, and how long it took.
 
 The question it asks: does learning from the teacher's distributions instead of its text
 carry any of part B's facts (``facts_heldout/acc``), which the imitation text never states?
