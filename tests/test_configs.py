@@ -32,6 +32,7 @@ ARGUMENTS = {
     "configs/paper/finetune.py": ["", "model=gpt2-1.5b,budget=20M", "model=llama-13b"],
     "configs/paper/sweep.py": ["", "models=llama_7b", "models=gpt2_xl,llama_13b"],
     "configs/demo.py": ["", "tiny"],
+    "configs/demo_distill.py": ["", "tiny"],
 }
 
 

@@ -62,6 +62,7 @@ DOCS = (
     "docs/launch.md",
     "docs/serving.md",
     "docs/distillation.md",
+    "docs/demo_distill_results.md",
 )
 # The repository's own top-level directories: a path starting with one of them must exist.
 REPO_DIRS = ("scripts", "benchmarks", "configs", "tests", "docs", "imitax", ".ci")
