@@ -185,7 +185,8 @@ def test_limit_and_subjects():
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(
         ValueError,
-        match="unknown task 'mmmlu'; known tasks: humaneval, mmlu, multiple_choice, nq_open, perplexity, style",
+        match="unknown task 'mmmlu'; known tasks: humaneval, mmlu, multiple_choice, nq_open, pairwise, perplexity, "
+        "style",
     ):
         tasks.get("mmmlu")
     assert {"mmlu", "multiple_choice", "perplexity"} <= set(tasks.names())

@@ -293,10 +293,13 @@ def report(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None 
     rows = table_rows(cell_records, metrics)
     out = workdir / "results"
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["model", "params", "source", "budget", "tokens", "method", "lora", "seeds"]
+    # The method and LoRA columns appear when the sweep uses those axes, so a plain sweep's table
+    # (every row sft, rank 0) keeps its columns.
+    axes = [k for k, default in (("method", "sft"), ("lora", 0)) if any(r[k] != default for r in rows)]
+    keys = ["model", "params", "source", "budget", "tokens", *axes, "seeds"]
     columns = keys + [c for m in metrics for c in (m, *interval_columns(m))]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     (out / "results.csv").write_text(buffer.getvalue())
