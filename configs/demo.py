@@ -27,7 +27,7 @@ import dataclasses
 import ml_collections
 
 from imitax import sweep
-from imitax.demo import world
+from imitax.demo import recipe, world
 from imitax.train import config as train_config
 
 # name -> (hidden, layers, heads, mlp, pretraining steps): the same 200 steps of 16 x 128 tokens
@@ -40,21 +40,6 @@ SIZES = {
 TINY_SIZES = {"small": (32, 1, 2, 64, 20), "large": (64, 2, 4, 128, 20)}
 
 
-def _llama(hidden: int, layers: int, heads: int, mlp: int, vocab: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=hidden // heads,
-            mlp_dim=mlp,
-            max_position_embeddings=256,
-        )
-    )
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     tiny = "tiny" in train_config.parse_arg(arg, {"tiny": None}, "configs/demo.py")
     c = sweep.default_config()
@@ -62,25 +47,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.world = ml_collections.ConfigDict(dataclasses.asdict(world.tiny() if tiny else world.WorldConfig()))
     vocab = c.world.vocab_size
 
-    for name, (hidden, layers, heads, mlp, steps) in (TINY_SIZES if tiny else SIZES).items():
-        pre = train_config.default_config()
-        pre.model = "llama-7b"  # the architecture; every width below is overridden
-        pre.model_overrides.update(_llama(hidden, layers, heads, mlp, vocab))
-        pre.tokenizer = "{world}/tokenizer"
-        pre.data.train = "{world}/corpus.jsonl"
-        pre.data.format = "text"
-        pre.dtype = "float32"  # bfloat16 is no faster on CPUs
-        pre.seq_len = 128
-        pre.batch_size = 16
-        pre.total_steps = steps
-        pre.optimizer.name = "adamw"
-        pre.optimizer.lr = 3e-3
-        pre.optimizer.schedule = "constant"
-        pre.optimizer.warmup_steps = max(1, steps // 10)
-        pre.optimizer.weight_decay = 0.0
-        pre.checkpoint_every = steps
-        pre.log_every = max(1, steps // 5)
-        c.base_models[name] = ml_collections.ConfigDict({"pretrain": pre})
+    for name, size in (TINY_SIZES if tiny else SIZES).items():
+        c.base_models[name] = ml_collections.ConfigDict({"pretrain": recipe.pretraining(size, vocab)})
 
     c.data_sources.broad = ml_collections.ConfigDict({"train": "{world}/imitation_broad.json"})
     # The task data is small (one question per fact of part A): its own, smaller budgets.
@@ -93,30 +61,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # two, the fewest with a t-interval, to hold the test suite's time down.
     c.seeds = "0,1" if tiny else "0,1,2"
 
-    # The study's finetuning recipe (Koala turns, loss on the teacher's tokens, one epoch of the
-    # budget), scaled down; AdamW, because the study's parameter-scaled Adafactor at its learning
-    # rate moves weights of these tiny models too little in a few dozen steps.
-    t = c.train
-    t.dtype = "float32"
-    t.seq_len = 64 if tiny else 128
-    t.batch_size = 8
-    t.optimizer.name = "adamw"
-    t.optimizer.lr = 1e-3
-    t.optimizer.warmup_steps = 5
-    t.optimizer.weight_decay = 0.0
-    t.checkpoint_every = 1000
-    t.log_every = 8
-
-    c.eval.batch_size = 16
-    c.eval.tasks.facts_heldout = ml_collections.ConfigDict(
-        dict(task="multiple_choice", data_file="{world}/facts_heldout.jsonl", scoring="cloze")
-    )
-    c.eval.tasks.facts_seen = ml_collections.ConfigDict(
-        dict(task="multiple_choice", data_file="{world}/facts_seen.jsonl", scoring="cloze", limit=300)
-    )
-    c.eval.tasks.style = ml_collections.ConfigDict(
-        dict(data_file="{world}/style_heldout.jsonl", max_gen_toks=64 if tiny else 128)
-    )
-    c.teacher_file = "{world}/teacher_scores.json"
-    c.report.metrics = ",".join(["facts_heldout/acc", "facts_seen/acc"] + [f"style/{m}" for m in sweep.STYLE_METRICS])
+    recipe.finetuning(c.train, tiny)
+    recipe.evaluation(c, tiny)
     return c

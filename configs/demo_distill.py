@@ -31,7 +31,7 @@ import dataclasses
 import ml_collections
 
 from imitax import sweep
-from imitax.demo import world
+from imitax.demo import recipe, world
 from imitax.train import config as train_config
 
 # name -> (hidden, layers, heads, mlp, pretraining steps). The students are configs/demo.py's sizes
@@ -47,40 +47,6 @@ TINY_STUDENTS = {"small": (32, 1, 2, 64, 20)}
 TINY_TEACHER = (64, 2, 4, 128, 20)
 
 
-def _pretrain(size: tuple[int, int, int, int, int], vocab: int) -> ml_collections.ConfigDict:
-    """A LLaMA-style model of ``size``, trained from scratch on the world's corpus."""
-    hidden, layers, heads, mlp, steps = size
-    pre = train_config.default_config()
-    pre.model = "llama-7b"  # the architecture; every width below is overridden
-    pre.model_overrides.update(
-        dict(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=hidden // heads,
-            mlp_dim=mlp,
-            max_position_embeddings=256,
-        )
-    )
-    pre.tokenizer = "{world}/tokenizer"
-    pre.data.train = "{world}/corpus.jsonl"
-    pre.data.format = "text"
-    pre.dtype = "float32"  # bfloat16 is no faster on CPUs
-    pre.seq_len = 128
-    pre.batch_size = 16
-    pre.total_steps = steps
-    pre.optimizer.name = "adamw"
-    pre.optimizer.lr = 3e-3
-    pre.optimizer.schedule = "constant"
-    pre.optimizer.warmup_steps = max(1, steps // 10)
-    pre.optimizer.weight_decay = 0.0
-    pre.checkpoint_every = steps
-    pre.log_every = max(1, steps // 5)
-    return pre
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     tiny = "tiny" in train_config.parse_arg(arg, {"tiny": None}, "configs/demo_distill.py")
     c = sweep.default_config()
@@ -89,13 +55,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     vocab = c.world.vocab_size
 
     for name, size in (TINY_STUDENTS if tiny else STUDENTS).items():
-        c.base_models[name] = ml_collections.ConfigDict({"pretrain": _pretrain(size, vocab)})
+        c.base_models[name] = ml_collections.ConfigDict({"pretrain": recipe.pretraining(size, vocab)})
     # The teacher: pretrained on the corpus, then finetuned on the first 24K tokens of the teacher's
     # answers (enough to take up their style; a full epoch cost it held-out facts in a first run).
     finetune = ml_collections.ConfigDict({"data": {"train": "{world}/imitation_broad.json"}})
     finetune.data.token_budget = "" if tiny else "24K"
     c.base_models.teacher = ml_collections.ConfigDict(
-        {"pretrain": _pretrain(TINY_TEACHER if tiny else TEACHER, vocab), "finetune": finetune, "teacher_only": True}
+        {
+            "pretrain": recipe.pretraining(TINY_TEACHER if tiny else TEACHER, vocab),
+            "finetune": finetune,
+            "teacher_only": True,
+        }
     )
     c.teacher_model = "teacher"
 
@@ -104,29 +74,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seeds = "0,1"
     c.methods = "sft,kd,gkd"
 
-    # configs/demo.py's finetuning recipe; kd and gkd with their defaults (forward KL, T = 1;
+    # The demo's finetuning recipe (imitax.demo.recipe); kd and gkd with their defaults (forward KL, T = 1;
     # gkd.lambda_ = 0.5, the students sampling at T = 1).
-    t = c.train
-    t.dtype = "float32"
-    t.seq_len = 64 if tiny else 128
-    t.batch_size = 8
-    t.optimizer.name = "adamw"
-    t.optimizer.lr = 1e-3
-    t.optimizer.warmup_steps = 5
-    t.optimizer.weight_decay = 0.0
-    t.checkpoint_every = 1000
-    t.log_every = 8
-
-    c.eval.batch_size = 16
-    c.eval.tasks.facts_heldout = ml_collections.ConfigDict(
-        dict(task="multiple_choice", data_file="{world}/facts_heldout.jsonl", scoring="cloze")
-    )
-    c.eval.tasks.facts_seen = ml_collections.ConfigDict(
-        dict(task="multiple_choice", data_file="{world}/facts_seen.jsonl", scoring="cloze", limit=300)
-    )
-    c.eval.tasks.style = ml_collections.ConfigDict(
-        dict(data_file="{world}/style_heldout.jsonl", max_gen_toks=64 if tiny else 128)
-    )
-    c.teacher_file = "{world}/teacher_scores.json"
-    c.report.metrics = ",".join(["facts_heldout/acc", "facts_seen/acc"] + [f"style/{m}" for m in sweep.STYLE_METRICS])
+    recipe.finetuning(c.train, tiny)
+    recipe.evaluation(c, tiny)
     return c
