@@ -29,9 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from absl import app, flags, logging  # noqa: E402
 
-from imitax import cli, xla_backend  # noqa: E402
+from imitax import allocator, cli, xla_backend  # noqa: E402
 
 xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before a local teacher imports JAX
+allocator.keep_freed_memory()  # freed XLA temporaries stay for the next step (imitax/allocator.py)
 _TEACHER = flags.DEFINE_string("teacher", None, "OpenAI-compatible base URL (http://HOST:PORT/v1) or a model path.")
 _PROMPTS = flags.DEFINE_list("prompts", None, "Prompt files, directories, globs or hf:NAME:SPLIT, comma-separated.")
 _OUT = flags.DEFINE_string("out", None, "The collected records, JSON Lines (appended; a rerun resumes).")

@@ -12,7 +12,6 @@ pickled ``.bin`` files are refused. Nothing is written unless the whole
 conversion succeeds.
 """
 
-import ctypes
 import os
 import sys
 
@@ -23,28 +22,11 @@ import sys
 sys.modules.setdefault("torch", None)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences "PyTorch was not found"
 
-
-def _release_freed_memory() -> None:
-    """Makes glibc hand every freed block of 1 MiB or more back to the OS at once.
-
-    glibc raises its mmap threshold each time a large block is freed (up to
-    32 MiB), after which per-tensor buffers come from the heap and stay in the
-    process's RSS once freed: converting a 2.2 GB bfloat16 model kept 0.7 GB of
-    freed tensors resident. A fixed threshold turns that adjustment off.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    m_mmap_threshold = -3  # from <malloc.h>
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-
-
-_release_freed_memory()
-
 from absl import app, flags, logging  # noqa: E402
 
-from imitax import convert, xla_backend  # noqa: E402
+from imitax import allocator, convert, xla_backend  # noqa: E402
+
+allocator.release_freed_memory()  # freed tensors leave the resident set at once (imitax/allocator.py)
 
 xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before JAX starts
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to convert.")

@@ -29,9 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from absl import app, flags, logging  # noqa: E402
 
-from imitax import cli, xla_backend  # noqa: E402
+from imitax import allocator, cli, xla_backend  # noqa: E402
 
 xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before main() imports JAX
+allocator.keep_freed_memory()  # freed XLA temporaries stay for the next step (imitax/allocator.py)
 _MODEL = flags.DEFINE_string("model", None, "imitax checkpoint, training workdir or Hugging Face model directory.")
 _TASKS = flags.DEFINE_list("tasks", ["mmlu", "nq_open", "humaneval"], "Comma-separated task names.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results.json and samples_<task>.jsonl go.")

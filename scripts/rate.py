@@ -28,9 +28,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from absl import app, flags  # noqa: E402
 
-from imitax import cli, records, xla_backend  # noqa: E402
+from imitax import allocator, cli, records, xla_backend  # noqa: E402
 
 xla_backend.define_flag()  # --xla_backend, for a model-path system served while creating the study
+allocator.keep_freed_memory()  # freed XLA temporaries stay for the next step (imitax/allocator.py)
 
 _DB = flags.DEFINE_string("db", "sqlite:///ratings.db", "SQLAlchemy URL: sqlite:///FILE or postgresql://...")
 _STUDY = flags.DEFINE_string("study", None, "Study name (create, export).")

@@ -23,9 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from absl import app, flags, logging  # noqa: E402
 
-from imitax import cli, xla_backend  # noqa: E402
+from imitax import allocator, cli, xla_backend  # noqa: E402
 
 xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before main() imports JAX
+allocator.keep_freed_memory()  # freed XLA temporaries stay for the next step (imitax/allocator.py)
 _MODEL = flags.DEFINE_string("model", None, "imitax checkpoint, training workdir or Hugging Face model directory.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port, printed at start).")

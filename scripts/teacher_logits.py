@@ -15,9 +15,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from imitax import xla_backend
+from imitax import allocator, xla_backend
 
 xla_backend.define_flag()  # --xla_backend, applied as flags are parsed, before JAX
+allocator.keep_freed_memory()  # freed XLA temporaries stay for the next step (imitax/allocator.py)
 config_flags.DEFINE_config_file("config", "configs/finetune.py", "The training run's config file.")
 _TEACHER = flags.DEFINE_string("teacher", None, "The teacher model (HF directory, imitax checkpoint or workdir).")
 _DATA = flags.DEFINE_string("data", None, "The run's data (--config.data.train); default: the config's.")

@@ -9,9 +9,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imitax import xla_backend
+from imitax import allocator, xla_backend
 
 xla_backend.define_flag(xla_backend.TRAIN_DEFAULT)  # --xla_backend, applied as flags are parsed, before JAX
+allocator.keep_freed_memory()  # freed XLA temporaries stay for the next step (imitax/allocator.py)
 config_flags.DEFINE_config_file("config", "configs/finetune.py", "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the token cache go.", required=True)
 FLAGS = flags.FLAGS

@@ -296,8 +296,9 @@ def execute_in_worker(config, workdir: str, step: Step) -> dict[str, Any]:
     the sweep with it), so that Ray does not retry a step that fails the same way each time;
     Ray retries only what kills the worker.
     """
-    from imitax import distributed
+    from imitax import allocator, distributed
 
+    allocator.keep_freed_memory()  # as scripts/sweep.py does in its own process
     workdir = epath.Path(workdir)
     if config.compilation_cache:
         distributed.use_compilation_cache(str(workdir / "jax_cache"))
