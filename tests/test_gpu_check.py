@@ -19,7 +19,7 @@ MESSAGE = (
 def fake_nvidia_smi(bin_dir: Path) -> None:
     """An ``nvidia-smi`` as a machine with the tool but no usable GPU has it: it fails."""
     tool = bin_dir / "nvidia-smi"
-    tool.write_text('#!/bin/sh\necho "NVIDIA-SMI has failed because it could not communicate with the driver"\nexit 9\n')
+    tool.write_text('#!/bin/sh\necho "NVIDIA-SMI has failed: it could not communicate with the driver"\nexit 9\n')
     tool.chmod(0o755)
 
 
