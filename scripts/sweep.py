@@ -8,6 +8,7 @@ evaluate each cell, and draw the study's figures. Rerunning the same command res
   python scripts/sweep.py --config=configs/demo.py --workdir=out/demo --dry_run     # print the plan
   python scripts/sweep.py --config=configs/demo.py --workdir=out/demo --executor=ray --max_concurrent_cells=2
   python scripts/sweep.py --config=... --workdir=... --cells=3/8   # one shard (a SLURM array task)
+  python scripts/sweep.py --config=... --workdir=... --executor=ray --cell_processes=4 --cell_resources=TPU:4
   python scripts/sweep.py --config=configs/demo_distill.py --workdir=out/demo_distill   # sft, kd, gkd
 
 docs/launch.md has the recipes for Ray clusters (TPU VMs, GPU nodes) and SLURM arrays.
@@ -35,6 +36,11 @@ flags.DEFINE_string("ray_address", "local", "--executor=ray: local (start Ray he
 flags.DEFINE_string("cell_resources", "CPU:1", "--executor=ray: what each cell asks for, e.g. CPU:1, GPU:1, TPU:4.")
 flags.DEFINE_integer("max_concurrent_cells", 2, "--executor=ray: cells running at once.")
 flags.DEFINE_integer("retries", 2, "--executor=ray: reruns of a cell whose worker died (it resumes).")
+flags.DEFINE_integer(
+    "cell_processes",
+    1,
+    "--executor=ray: processes of each cell's JAX job, each with --cell_resources (multi-host cells).",
+)
 flags.DEFINE_string("cells", "", "Run only the I-th of N shards of the grid, I/N (e.g. a SLURM array task's).")
 flags.DEFINE_bool("dry_run", False, "Print the plan (steps, tokens, FLOPs, estimated time) and exit.")
 flags.DEFINE_float(
@@ -104,6 +110,7 @@ def main(argv):
             cell_resources=FLAGS.cell_resources,
             max_concurrent_cells=FLAGS.max_concurrent_cells,
             retries=FLAGS.retries,
+            cell_processes=FLAGS.cell_processes,
         )
     except (sweep.SweepError, TrainingError, ConversionError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

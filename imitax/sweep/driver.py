@@ -42,12 +42,14 @@ def run(
     cell_resources: str = "CPU:1",
     max_concurrent_cells: int = 2,
     retries: int = 2,
+    cell_processes: int = 1,
     lease_timeout: float = lease.TIMEOUT_S,
 ) -> dict[str, Any]:
     """Runs (or resumes) the sweep, or its shard ``cells='I/N'``; writes the records and the report.
 
     ``executor='ray'`` runs the cells as Ray tasks (see :mod:`~imitax.sweep.ray_executor` for
-    ``ray_address``, ``cell_resources``, ``max_concurrent_cells`` and ``retries``). A shard
+    ``ray_address``, ``cell_resources``, ``max_concurrent_cells``, ``retries`` and
+    ``cell_processes``, the processes of each cell's JAX job). A shard
     writes no report (``scripts/sweep.py --report_only`` collects every shard's cells).
 
     Raises:
@@ -71,7 +73,9 @@ def run(
     with contextlib.ExitStack() as stack:
         if leases is not None:  # entered first, left last: no lease is given up while its cell still runs
             stack.enter_context(leases)
-        runner = stack.enter_context(_executor(executor, ray_address, cell_resources, max_concurrent_cells, retries))
+        runner = stack.enter_context(
+            _executor(executor, ray_address, cell_resources, max_concurrent_cells, retries, cell_processes)
+        )
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
         local.check_workdir(config, workdir, allow_config_change)
@@ -97,11 +101,16 @@ def run(
     return summary
 
 
-def _executor(name: str, address: str, resources: str, max_concurrent: int, retries: int):
+def _executor(name: str, address: str, resources: str, max_concurrent: int, retries: int, processes: int):
     if name == "ray":
         from imitax.sweep import ray_executor
 
-        return ray_executor.RayExecutor(address, resources, max_concurrent, retries)
+        return ray_executor.RayExecutor(address, resources, max_concurrent, retries, processes)
+    if processes != 1:
+        raise SweepError(
+            f"--cell_processes={processes}: only with --executor=ray; with the local executor, run the same "
+            "command in each of the job's processes (docs/launch.md)"
+        )
     return local.LocalExecutor()
 
 
