@@ -10,6 +10,11 @@ XLA's CPU backend can send dots to different kernel libraries. The options in
 compiler_options=...)``), so one process can time several of them side by side;
 :func:`xla_flags_for` gives the equivalent ``XLA_FLAGS`` string for users, which
 must be set before JAX initializes its CPU backend.
+
+Every script runs where JAX and PyTorch find an accelerator (JAX's default device; PyTorch's
+``cuda`` when available, see :func:`torch_device`) and in the ``--dtype`` that
+:func:`define_dtype_flag` defines: float32 by default, as on CPU, or bfloat16. The dot backends
+above are XLA:CPU options; on a GPU only ``ynn`` (no options) applies.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import dataclasses
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from imitax import xla_backend
 
@@ -54,6 +61,44 @@ def check_xla_flags() -> None:
     names = {name for options in XLA_DOT_BACKENDS.values() for name in options}
     if any(f"--{name}=" in flags for name in names):
         raise SystemExit(f"error: XLA_FLAGS={flags!r} picks a dot library; unset it: the backends are set per compile")
+
+
+# -- dtype and device ------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16")
+
+
+def define_dtype_flag() -> flags.FlagHolder[str]:
+    """The scripts' ``--dtype``: the models' compute dtype (float32: the CPU default, unchanged)."""
+    return flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype of both implementations.")
+
+
+def torch_dtype(dtype: str):
+    """PyTorch's dtype of the same name."""
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def torch_device():
+    """``cuda`` when PyTorch sees a GPU, else ``cpu``: PyTorch runs on the same kind of device as JAX."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cast_params(params: Any, dtype: str) -> Any:
+    """``params`` (numpy arrays, as ``core.params_from_hf`` makes them) in ``dtype``; float32 is left as is."""
+    return params if dtype == "float32" else jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)), params)
+
+
+def device_summary() -> str:
+    """JAX's devices and PyTorch's GPU, if any: one line."""
+    line = f"JAX on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}, {jax.device_count()} devices)"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        line += f", torch on cuda ({torch.cuda.get_device_name()})"
+    return line
 
 
 # -- timing ------------------------------------------------------------------------
@@ -89,7 +134,10 @@ class Timing:
 
 
 def block(x: Any) -> Any:
-    """Waits for JAX's asynchronous dispatch; PyTorch CPU results are already done."""
+    """Waits for JAX's asynchronous dispatch, and for PyTorch's CUDA stream (CPU results are already done)."""
+    torch = sys.modules.get("torch")  # only when a script uses torch: it is not imported here for nothing
+    if torch is not None and torch.is_tensor(x) and x.is_cuda:
+        torch.cuda.synchronize(x.device)
     return jax.block_until_ready(x) if isinstance(x, jax.Array) else x
 
 
@@ -138,7 +186,7 @@ def matmul_peaks(
     xla_backends: Mapping[str, Mapping[str, Any]] = XLA_DOT_BACKENDS,
     torch_threads: int | None = None,
     iters: int = 5,
-    dtype=np.float32,
+    dtype: str = "float32",
 ) -> dict[str, dict[int, float]]:
     """Median GFLOP/s of an ``n x n @ n x n`` matmul per library and size.
 
@@ -147,7 +195,7 @@ def matmul_peaks(
       xla_backends: name -> XLA compile options for ``jnp.dot`` (one entry per kernel library).
       torch_threads: threads for ``torch.matmul`` (None: do not time PyTorch).
       iters: timed repetitions per size and library (after one warm-up).
-      dtype: operand dtype.
+      dtype: operand dtype ("float32" or "bfloat16").
 
     Returns:
       ``{'xla:<backend>' or 'torch': {n: GFLOP/s}}``.
@@ -155,14 +203,14 @@ def matmul_peaks(
     rng = np.random.default_rng(0)
     out: dict[str, dict[int, float]] = {}
     for n in sizes:
-        a_np, b_np = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
-        for name, timing in _time_matmuls(a_np, b_np, xla_backends, torch_threads, iters).items():
+        a_np, b_np = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+        for name, timing in _time_matmuls(a_np, b_np, xla_backends, torch_threads, iters, dtype).items():
             out.setdefault(name, {})[n] = 2 * n**3 / timing.median / 1e9
     return out
 
 
-def _time_matmuls(a_np, b_np, xla_backends, torch_threads, iters) -> dict[str, Timing]:
-    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+def _time_matmuls(a_np, b_np, xla_backends, torch_threads, iters, dtype) -> dict[str, Timing]:
+    a, b = jnp.asarray(a_np, dtype), jnp.asarray(b_np, dtype)
     fns: dict[str, Callable[[], Any]] = {}
     for name, options in xla_backends.items():
         compiled = jax.jit(jnp.dot, compiler_options=dict(options)).lower(a, b).compile()
@@ -171,7 +219,7 @@ def _time_matmuls(a_np, b_np, xla_backends, torch_threads, iters) -> dict[str, T
         import torch
 
         torch.set_num_threads(torch_threads)
-        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        ta, tb = (torch.from_numpy(x).to(torch_device(), torch_dtype(dtype)) for x in (a_np, b_np))
         fns["torch"] = lambda: torch.matmul(ta, tb)
     return time_interleaved(fns, warmup=1, iters=iters)
 
@@ -207,7 +255,7 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, iters: int = 5) -> dict[str, float
 
 
 class MatmulProbe:
-    """A few ``n x n`` float32 matmuls per library, timed in the same rounds as the work measured.
+    """A few ``n x n`` matmuls (float32, or ``dtype``) per library, timed in the same rounds as the work measured.
 
     The machine is shared: its free capacity drifts during a run (within minutes, by several
     times). A peak measured once would compare the work with a matmul rate of another moment; a
@@ -215,18 +263,24 @@ class MatmulProbe:
     Add :attr:`fns` to the callables given to :func:`time_interleaved`.
     """
 
-    def __init__(self, n: int, reps: int, xla_backends: Mapping[str, Mapping[str, Any]] = XLA_DOT_BACKENDS):
+    def __init__(
+        self,
+        n: int,
+        reps: int,
+        xla_backends: Mapping[str, Mapping[str, Any]] = XLA_DOT_BACKENDS,
+        dtype: str = "float32",
+    ):
         import torch
 
         rng = np.random.default_rng(0)
         a_np, b_np = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
         self.flops = 2.0 * n**3 * reps
         self.fns: dict[str, Callable[[], Any]] = {}
-        a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+        a, b = jnp.asarray(a_np, dtype), jnp.asarray(b_np, dtype)
         for backend, options in xla_backends.items():
             dot = jax.jit(jnp.dot, compiler_options=dict(options)).lower(a, b).compile()
             self.fns[f"matmul[xla:{backend}]"] = lambda dot=dot: jax.block_until_ready([dot(a, b) for _ in range(reps)])
-        ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        ta, tb = (torch.from_numpy(x).to(torch_device(), torch_dtype(dtype)) for x in (a_np, b_np))
         self.fns["matmul[torch]"] = lambda: [torch.matmul(ta, tb) for _ in range(reps)][-1]
 
     def peaks(self, timings: Mapping[str, Timing]) -> list[float]:
@@ -293,5 +347,5 @@ def environment() -> str:
     return (
         f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
-        f"load average {load}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        f"load average {load}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {device_summary()}"
     )

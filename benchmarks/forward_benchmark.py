@@ -5,6 +5,7 @@ r"""Forward-pass throughput of imitax vs transformers' PyTorch model, same weigh
   python benchmarks/forward_benchmark.py --smoke               # tiny shapes: checks the script runs
   python benchmarks/forward_benchmark.py --model=gpt2 --tasks=forward,score,decode --xla_backends=ynn,eigen,onednn
   python benchmarks/forward_benchmark.py --model=gpt2 --tasks=dots --xla_backends=ynn,eigen,onednn   # matmuls alone
+  python benchmarks/forward_benchmark.py --tasks=forward --dtype=bfloat16 --peak_sizes=8192   # on a GPU
 
 One process measures, in this order: the float32 matmul peak of each XLA dot
 backend and of PyTorch (MFU is quoted against the fastest of them); then, per
@@ -15,6 +16,8 @@ imitax, the two are checked to give the same logits, and both forward passes
 warm-up. Times are medians; "vs torch" is the median over rounds of the paired
 ratio torch time / imitax time. Compile time is excluded and printed apart.
 FLOPs are counted as in :class:`common.ForwardFlops`.
+``--dtype=bfloat16`` casts both models' weights (and imitax's compute) to bfloat16 and times
+bfloat16 matmuls; both run on the accelerator JAX and PyTorch find (see :mod:`benchmarks.common`).
 
 ``--tasks=score,decode`` also times imitax's scoring (``Scorer.loglikelihood_tokens`` on an
 MMLU-shaped set: one shared few-shot prefix, questions, four one-token choices) and greedy
@@ -94,6 +97,8 @@ _PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["2048", "4096"], "Square matmul s
 _PEAK_ITERS = flags.DEFINE_integer("peak_iters", 5, "Timed repetitions per matmul size and library.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch.set_num_threads (default: one per CPU).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes and two rounds: checks that the script runs.")
+# The forward pass (--tasks=forward): both models' weights and compute in this dtype.
+_DTYPE = common.define_dtype_flag()
 
 HEADERS = [
     "model", "impl", "batch x seq", "tokens/s", "GFLOP/s", "roofline GFLOP/s", "MFU", "vs torch", "target", "median s",
@@ -141,25 +146,31 @@ def cases(smoke: bool) -> list[Case]:
     return [out[m] for m in (["gpt2", "llama1b"] if _MODEL.value == "all" else [_MODEL.value])]
 
 
-def build_models(cfg: models.TransformerConfig):
-    """A random transformers model (eval, float32, sdpa) and an imitax model holding its weights."""
+def build_models(cfg: models.TransformerConfig, dtype: str = "float32"):
+    """A random transformers model (eval, sdpa) and an imitax model holding its weights, both in ``dtype``.
+
+    The weights are drawn in float32 on the CPU and then cast, so both sides round the same values;
+    transformers' model then moves to PyTorch's device (:func:`common.torch_device`).
+    """
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(
         cfg.to_hf_config(), attn_implementation="sdpa", dtype=torch.float32
     ).eval()
     # .numpy() shares torch's memory; the imitax arrays are the only copy made.
     params = core.params_from_hf(cfg, {k: v.detach().numpy() for k, v in hf.state_dict().items()})
-    return hf, core.model_from_params(cfg, params)
+    model = core.model_from_params(cfg.replace(dtype=dtype, param_dtype=dtype), common.cast_params(params, dtype))
+    return hf.to(common.torch_device(), common.torch_dtype(dtype)), model
 
 
 def bench_case(case: Case, probe: common.MatmulProbe | None, iters: int) -> tuple[list[list[str]], list[str]]:
     """Times one model shape, with ``probe``'s matmuls in every round (MFU: against that round's); rows and notes."""
     cfg = case.cfg.replace(scan_layers=_SCAN_LAYERS.value)
     start = time.perf_counter()
-    hf, model = build_models(cfg)
+    hf, model = build_models(cfg, _DTYPE.value)
     notes = [f"{case.name}: {cfg.num_params() / 1e6:.0f}M params, models built in {time.perf_counter() - start:.0f} s"]
     tokens_np = np.random.default_rng(0).integers(0, cfg.vocab_size, (case.batch, case.seq), dtype=np.int32)
-    tokens_pt, tokens_jx = torch.from_numpy(tokens_np.astype(np.int64)), jnp.asarray(tokens_np)
+    tokens_pt = torch.from_numpy(tokens_np.astype(np.int64)).to(common.torch_device())
+    tokens_jx = jnp.asarray(tokens_np)
 
     def torch_forward():
         with torch.inference_mode():
@@ -179,7 +190,8 @@ def bench_case(case: Case, probe: common.MatmulProbe | None, iters: int) -> tupl
         compiled = jitted.lower(state, tokens_jx).compile()
         compile_s = time.perf_counter() - start
         # The same weights must give the same logits, or the timing compares different work.
-        diff = float(np.abs(np.asarray(compiled(state, tokens_jx)) - ref.numpy()).max())
+        logits = np.asarray(compiled(state, tokens_jx), np.float32)
+        diff = float(np.abs(logits - ref.float().cpu().numpy()).max())
         notes.append(f"{case.name} imitax[{backend}]: lower+compile {compile_s:.1f} s, max |logit diff| {diff:.1e}")
         fns[f"imitax[{backend}]"] = lambda c=compiled: c(state, tokens_jx)
     fns["torch"] = torch_forward
@@ -457,13 +469,16 @@ def main(argv):
         if sizes:
             backends = {b: common.XLA_DOT_BACKENDS[b] for b in _XLA_BACKENDS.value}
             peak_iters = min(iters, _PEAK_ITERS.value)
-            peaks = common.matmul_peaks(sizes, xla_backends=backends, torch_threads=threads, iters=peak_iters)
+            peaks = common.matmul_peaks(
+                sizes, xla_backends=backends, torch_threads=threads, iters=peak_iters, dtype=_DTYPE.value
+            )
             rows = [[lib, *(f"{peaks[lib][n]:.0f}" for n in sizes), f"{max(peaks[lib].values()):.0f}"] for lib in peaks]
-            print(f"\nfloat32 matmul, GFLOP/s (median of {peak_iters}, round-robin):")
+            print(f"\n{_DTYPE.value} matmul, GFLOP/s (median of {peak_iters}, round-robin):")
             print(common.format_table(["library", *(f"{n}^3" for n in sizes), "peak"], rows), flush=True)
             # The peak above is one moment's; MFU is against a probe of max(sizes)^3 matmuls run in every
             # round beside the forward passes (the fastest library that round), as the load drifts.
-            probe = common.MatmulProbe(max(sizes), reps=1 if _SMOKE.value else 3, xla_backends=backends)
+            reps = 1 if _SMOKE.value else 3
+            probe = common.MatmulProbe(max(sizes), reps=reps, xla_backends=backends, dtype=_DTYPE.value)
             notes.append(f"MFU: against each round's fastest {max(sizes)}^3 matmul (3 per library per round)")
 
         rows = []
@@ -472,7 +487,8 @@ def main(argv):
             rows += case_rows
             notes += case_notes
             print(common.format_table(HEADERS, case_rows), flush=True)
-        print(f"\nforward pass, float32 logits, medians of {iters} rounds after {_WARMUP.value} warm-up:")
+        what = f"{_DTYPE.value} weights and compute"
+        print(f"\nforward pass, {what}, medians of {iters} rounds after {_WARMUP.value} warm-up:")
         print(common.format_table(HEADERS, rows), flush=True)
 
     if "dots" in tasks:

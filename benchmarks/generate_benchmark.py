@@ -4,6 +4,7 @@ r"""Greedy generation: imitax ``generate`` vs transformers' ``generate``, and de
   python benchmarks/generate_benchmark.py --sections=torch --batches=1,4,16 --new_tokens=64 --iters=3
   python benchmarks/generate_benchmark.py --sections=cache --cache_lengths=128,1024,4096
   python benchmarks/generate_benchmark.py --smoke             # tiny models: checks that the script runs
+  python benchmarks/generate_benchmark.py --sections=torch --model=llama1b --dtype=bfloat16   # on a GPU
 
 Section ``torch``: tokens/s of whole ``generate`` calls, imitax vs transformers.
 
@@ -18,6 +19,11 @@ row stops early), with their KV caches: imitax's :func:`imitax.eval.generate.gen
 (one jitted prefill and one jitted ``while_loop`` decode; prompt and cache lengths
 rounded up to 64), transformers' ``model.generate(do_sample=False)`` with its default
 dynamic cache.
+
+``--model=llama1b`` times the 16-layer LLaMA of 1B widths (TinyLlama's: 2,048 wide, 32 heads,
+5,632-wide gated MLP, 32,000-token vocabulary) instead of GPT-2. ``--dtype=bfloat16`` casts both
+models' weights (and imitax's compute) to bfloat16; both run on the accelerator JAX and PyTorch
+find (PyTorch's ``cuda`` when available).
 
 What is timed: the whole call, from token lists to new tokens on the host (imitax: padding,
 prefill, decode, transfer; transformers: the same on torch tensors), after one untimed
@@ -90,6 +96,8 @@ _CACHE_LENGTHS = flags.DEFINE_list(
     "cache_lengths", ["128", "256", "512", "1024", "2048"], "Prompt lengths (cache slots filled) of the cache table."
 )
 _CACHE_STEPS = flags.DEFINE_integer("cache_steps", 32, "Decode steps timed per cache length.")
+_MODEL = flags.DEFINE_enum("model", "gpt2", ["gpt2", "llama1b"], "The torch section's model: GPT-2-124M or LLaMA-1B.")
+_DTYPE = common.define_dtype_flag()
 
 HEADERS = ["model", "impl", "batch", "prompt tokens", "new tokens", "tokens/s", "vs torch", "median s", "spread"]
 CACHE_HEADERS = [
@@ -105,18 +113,32 @@ CACHE_HEADERS = [
 ]
 
 
-def build_models(smoke: bool):
-    """A random transformers GPT-2 (eval, float32, sdpa) and the imitax model holding its weights."""
+def hf_config(model: str, smoke: bool) -> transformers.PretrainedConfig:
+    """transformers' config of ``--model`` (2 layers, 64 wide with ``smoke``)."""
+    if model == "llama1b":
+        widths = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160)
+        if not smoke:
+            widths = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, intermediate_size=5632)
+        return transformers.LlamaConfig(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, **widths)
     if smoke:
-        hf_config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=50257, n_positions=1024)
-    else:
-        hf_config = transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=50257, n_positions=1024)
+    return transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+
+
+def build_models(model: str, smoke: bool, dtype: str = "float32"):
+    """A random transformers model (eval, sdpa) and the imitax model holding its weights, both in ``dtype``.
+
+    The weights are drawn in float32 and then cast, so both sides round the same values.
+    """
+    config = hf_config(model, smoke)
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     hf = hf.eval()
-    cfg = models.config_from_hf(hf_config.to_dict())
+    cfg = models.config_from_hf(config.to_dict())
     state_dict = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    return hf, core.model_from_params(cfg, core.params_from_hf(cfg, state_dict))
+    params = common.cast_params(core.params_from_hf(cfg, state_dict), dtype)
+    ours = core.model_from_params(cfg.replace(dtype=dtype, param_dtype=dtype), params)
+    return hf.to(common.torch_device(), common.torch_dtype(dtype)), ours
 
 
 def make_prompts(batch: int, longest: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -134,8 +156,8 @@ def torch_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[i
         ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     with torch.inference_mode():
         out = hf.generate(
-            torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
+            torch.from_numpy(ids).to(hf.device),
+            attention_mask=torch.from_numpy(mask).to(hf.device),
             do_sample=False,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
@@ -143,6 +165,13 @@ def torch_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[i
             eos_token_id=None,
         )
     return out[:, width:].tolist()
+
+
+def model_name(cfg: models.TransformerConfig) -> str:
+    """The table's name of the torch section's model."""
+    family = "gpt2" if _MODEL.value == "gpt2" else "llama"
+    size = "tiny" if _SMOKE.value else f"{cfg.num_params() / 1e6:.0f}m"
+    return f"{family}-{size}" + ("" if cfg.dtype == "float32" else f" {cfg.dtype}")
 
 
 def bench_batch(hf, model, batch: int, prompt_len: int, new_tokens: int, iters: int):
@@ -167,7 +196,7 @@ def bench_batch(hf, model, batch: int, prompt_len: int, new_tokens: int, iters: 
     for name, timing in timings.items():
         rows.append(
             [
-                "gpt2-124m" if model.cfg.num_layers == 12 else "gpt2-tiny",
+                model_name(model.cfg),
                 name,
                 batch,
                 f"{sum(map(len, prompts))}",
@@ -285,14 +314,14 @@ def main(argv):
     print(common.environment(), flush=True)
     summary = []
     if "torch" in _SECTIONS.value:
-        hf, model = build_models(smoke)
+        hf, model = build_models(_MODEL.value, smoke, _DTYPE.value)
         rows, notes = [], []
         for batch in map(int, _BATCHES.value):
             batch_rows, batch_notes = bench_batch(hf, model, batch, prompt_len, new_tokens, iters)
             print(common.format_table(HEADERS, batch_rows), flush=True)
             rows += batch_rows
             notes += batch_notes
-        summary += [f"\ngreedy generation, float32, whole calls, medians of {iters} rounds after 1 warm-up:"]
+        summary += [f"\ngreedy generation, {_DTYPE.value}, whole calls, medians of {iters} rounds after 1 warm-up:"]
         summary += [common.format_table(HEADERS, rows), "", *notes]
     if "cache" in _SECTIONS.value:
         lengths = [64, 128] if smoke else [int(n) for n in _CACHE_LENGTHS.value]

@@ -2,6 +2,7 @@ r"""MMLU 5-shot scoring on real questions: imitax vs the lm-evaluation-harness `
 
   python benchmarks/mmlu_benchmark.py --mmlu_jsonl=PATH --tokenizer=DIR --questions=8 --models=gpt2,llama
   python benchmarks/mmlu_benchmark.py --smoke        # tiny models, synthetic questions: checks that it runs
+  python benchmarks/mmlu_benchmark.py --synthetic_subjects=8 --skip_harness --dtype=bfloat16   # on a GPU
 
 The harness is a benchmark-only reference, not a dependency of imitax:
 ``pip install lm-eval==0.4.13 accelerate==1.15.0`` into the same environment
@@ -55,6 +56,12 @@ Torch and XLA use every core. The machine's load average is printed with
 every table. ``--harness_cache=FILE`` keeps the harness's results and times
 (keyed by model, questions, batch size and tokenizer) so that imitax can be
 rerun against them; the final figures should come from one fresh run.
+
+``--synthetic_subjects=N``: instead of ``--mmlu_jsonl``, N subjects of pseudo-English
+MMLU-shaped questions (the smoke test's generator) with the full-size models, for a
+scoring time where no MMLU file is at hand. ``--dtype=bfloat16`` casts both models'
+weights (and imitax's compute) to bfloat16; JAX runs on its default device and
+transformers' model on PyTorch's (``cuda`` when available).
 """
 
 from __future__ import annotations
@@ -102,6 +109,10 @@ _SECOND_PROCESS = flags.DEFINE_bool("second_process", True, "Also time imitax in
 _SMOKE = flags.DEFINE_bool("smoke", False, "2-layer 64-wide models, 2 synthetic subjects x 3 questions.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run imitax only, with this compilation cache; print JSON.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Internal: the prepared dev/test directory (child process).")
+_SYNTHETIC = flags.DEFINE_integer(
+    "synthetic_subjects", None, "Without --mmlu_jsonl: this many subjects of synthetic questions, full-size models."
+)
+_DTYPE = common.define_dtype_flag()
 
 # Targets, printed beside the results.
 TARGETS = {8: 3.0, 32: 4.5}  # wall-time speed-up over the harness at batch 8, by questions per subject
@@ -227,14 +238,16 @@ def hf_config(kind: str, vocab_size: int, smoke: bool):
     raise ValueError(f"unknown model {kind!r}: gpt2 or llama")
 
 
-def build_models(kind: str, vocab_size: int, smoke: bool):
-    """``(torch model, imitax model)`` with the same random weights."""
+def build_models(kind: str, vocab_size: int, smoke: bool, dtype: str = "float32"):
+    """``(torch model, imitax model)`` with the same random weights (drawn in float32, then cast to ``dtype``)."""
     config = hf_config(kind, vocab_size, smoke)
     torch.manual_seed(0)
     torch_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     cfg = models.config_from_hf(config.to_dict())
     state_dict = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-    return torch_model, core.model_from_params(cfg, core.params_from_hf(cfg, state_dict))
+    params = common.cast_params(core.params_from_hf(cfg, state_dict), dtype)
+    model = core.model_from_params(cfg.replace(dtype=dtype, param_dtype=dtype), params)
+    return torch_model.to(common.torch_device(), common.torch_dtype(dtype)), model
 
 
 # -- timing -----------------------------------------------------------------------------------------
@@ -330,7 +343,7 @@ def child_main(kind: str, data_dir: str, tokenizer_dir: str, cache_dir: str) -> 
     distributed.use_compilation_cache(cache_dir)
     clock = CompileClock()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    _, model = build_models(kind, len(tokenizer), _SMOKE.value)
+    _, model = build_models(kind, len(tokenizer), _SMOKE.value, _DTYPE.value)
     task = tasks.get("mmlu")(num_fewshot=SHOTS, data_dir=data_dir)
     task.load()
     r = time_imitax(LM(model, tokenizer, batch_size=_BATCH.value), task, clock)
@@ -352,8 +365,11 @@ def main(_):
             names = sorted(by_subject)
             keep = {names[int(i)] for i in np.linspace(0, len(names) - 1, _SUBJECTS.value).round()}
             by_subject = {k: v for k, v in by_subject.items() if k in keep}
+    elif _SYNTHETIC.value:
+        by_subject, dropped = synthetic_questions(_SYNTHETIC.value, questions), 0
+        source = f"synthetic ({_SYNTHETIC.value} subjects)"
     else:
-        raise app.UsageError("--mmlu_jsonl=PATH (real questions) or --smoke")
+        raise app.UsageError("--mmlu_jsonl=PATH (real questions), --synthetic_subjects=N or --smoke")
     work = tempfile.mkdtemp(prefix="mmlu_benchmark_")
     data_dir, tokenizer_dir = os.path.join(work, "data"), os.path.join(work, "tokenizer")
     os.makedirs(data_dir)
@@ -380,7 +396,7 @@ def main(_):
             harness_cache = json.load(f)
 
     for kind in _MODELS.value:
-        torch_model, model = build_models(kind, len(tokenizer), _SMOKE.value)
+        torch_model, model = build_models(kind, len(tokenizer), _SMOKE.value, _DTYPE.value)
         max_length = model.cfg.max_position_embeddings
         print(
             f"\n== {kind}: {sum(p.numel() for p in torch_model.parameters()) / 1e6:.0f}M parameters, "
@@ -404,6 +420,7 @@ def main(_):
                 f"--data_dir={data_dir}",
                 f"--batch_size={_BATCH.value}",
                 f"--smoke={_SMOKE.value}",
+                f"--dtype={_DTYPE.value}",
             ]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             child = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("CHILD ")))
@@ -415,6 +432,7 @@ def main(_):
         harness = {}
         for batch in [] if _SKIP_HARNESS.value else _HARNESS_BATCHES.value:
             scope = "smoke" if _SMOKE.value else f"s{len(by_subject)}"
+            scope += "" if _DTYPE.value == "float32" else f"/{_DTYPE.value}"
             key = f"{kind}/q{questions}/b{batch}/{tokenizer_digest(tokenizer)}/{scope}"
             if key in harness_cache:
                 harness[batch] = {**harness_cache[key], "cached": True}

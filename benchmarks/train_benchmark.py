@@ -6,6 +6,7 @@ r"""Train-step throughput and memory of imitax vs transformers + PyTorch AdamW, 
   python benchmarks/train_benchmark.py --model=llama1b_full  # all 16 layers (imitax alone needs ~21 GiB)
   python benchmarks/train_benchmark.py --model=gpt2 --xla_backends=ynn,onednn --profile   # where the time goes
   python benchmarks/train_benchmark.py --smoke               # tiny shapes, seconds
+  python benchmarks/train_benchmark.py --model=llama1b_full --dtype=bfloat16 --peak_sizes=8192   # on a GPU
 
 What one run measures, in this order:
 
@@ -101,6 +102,8 @@ _ORDER = flags.DEFINE_enum(
     "auto: round-robin when both implementations fit in memory together, else one after the other.",
 )
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes and few iterations: checks that the script runs.")
+# bfloat16: mixed precision on both sides (float32 weights and AdamW state, bfloat16 compute; torch.autocast).
+_DTYPE = common.define_dtype_flag()
 _PROFILE = flags.DEFINE_bool(
     "profile",
     False,
@@ -125,6 +128,8 @@ def target(name: str, timings: dict[str, common.Timing], mfu: dict[str, float]) 
 # AdamW as both implementations run it (PyTorch's default betas and decay, clipping as the trainer).
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.999), 1e-8, 0.01, 1.0
 GIB = 2**30
+# How far the two first losses may differ before the notes warn (bfloat16 rounds each matmul's inputs).
+LOSS_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +160,7 @@ def cases(smoke: bool) -> list[Case]:
         gpt2 = gpt2.replace(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=256)
         llama = llama.replace(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=160)
         batch, seq = batch or 2, min(seq, 64)
-    options = dict(dtype="float32", param_dtype="float32", scan_layers=True, remat=_REMAT.value)
+    options = dict(dtype=_DTYPE.value, param_dtype="float32", scan_layers=True, remat=_REMAT.value)
     full = llama.replace(num_layers=2 if smoke else 16)
     out = {
         "gpt2": Case(f"gpt2-{gpt2.num_params() / 1e6:.0f}m", gpt2.replace(**options), batch or 8, seq),
@@ -175,14 +180,17 @@ def mem_available() -> int:
 
 
 def hf_model(cfg: models.TransformerConfig) -> torch.nn.Module:
-    """transformers' model of ``cfg``, float32, SDPA attention, no dropout; seeded (same weights every call)."""
+    """transformers' model of ``cfg``, float32 weights, SDPA attention, no dropout; seeded (same weights every call).
+
+    On PyTorch's device (:func:`common.torch_device`); :class:`TorchStep` computes in ``--dtype`` with autocast.
+    """
     torch.manual_seed(0)
     hf_cfg = cfg.to_hf_config()
     for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
         if hasattr(hf_cfg, name):
             setattr(hf_cfg, name, 0.0)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
-    return model.train()
+    return model.to(common.torch_device()).train()
 
 
 def batches(case: Case) -> tuple[dict[str, np.ndarray], torch.Tensor]:
@@ -199,7 +207,7 @@ def batches(case: Case) -> tuple[dict[str, np.ndarray], torch.Tensor]:
         "segment_ids": np.ones_like(tokens),
         "positions": np.broadcast_to(np.arange(case.seq, dtype=np.int32), tokens.shape).copy(),
     }
-    return batch, torch.from_numpy(tokens.astype(np.int64))
+    return batch, torch.from_numpy(tokens.astype(np.int64)).to(common.torch_device())
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -283,7 +291,9 @@ class TorchStep:
 
     def step(self) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
+        device, dtype = self.tokens.device.type, common.torch_dtype(_DTYPE.value)
+        with torch.autocast(device, dtype=dtype, enabled=_DTYPE.value != "float32"):
+            loss = self.model(input_ids=self.tokens, labels=self.tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
         self.optimizer.step()
@@ -536,7 +546,8 @@ def bench_case(case: Case, probe: common.MatmulProbe, iters: int) -> tuple[list[
     """Times one model shape; returns throughput rows, memory rows and notes."""
     cfg = case.cfg
     n = cfg.num_params()
-    notes = [f"{case.name}: {n / 1e6:.0f}M parameters, batch {case.batch} x {case.seq}, float32 compute and state"]
+    shape = f"batch {case.batch} x {case.seq}"
+    notes = [f"{case.name}: {n / 1e6:.0f}M parameters, {shape}, {cfg.dtype} compute, float32 state"]
     jx = ImitaxStep(case, notes)  # compiled only: its memory analysis tells what it will need
     # PyTorch holds parameters, gradients and two moments (16 B/param) plus activations, taken to be
     # about imitax's temporaries (its gradients and saved activations). Building the imitax model
@@ -579,7 +590,7 @@ def bench_case(case: Case, probe: common.MatmulProbe, iters: int) -> tuple[list[
         return call
 
     def load_imitax(hf) -> None:
-        jx.load(core.params_from_hf(cfg, {k: v.detach().numpy() for k, v in hf.state_dict().items()}))
+        jx.load(core.params_from_hf(cfg, {k: v.detach().cpu().numpy() for k, v in hf.state_dict().items()}))
         for i, backend in enumerate(jx.compiled):
             loss = jx.step(backend)
             if i == 0:  # later backends start from weights the first one has already updated
@@ -645,7 +656,7 @@ def bench_case(case: Case, probe: common.MatmulProbe, iters: int) -> tuple[list[
         diff = abs(first_loss["imitax"] - first_loss["torch"])
         notes.append(
             f"{case.name}: first loss imitax {first_loss['imitax']:.6f}, torch {first_loss['torch']:.6f}"
-            + (" -- WARNING: they differ" if diff > 1e-3 else "")
+            + (" -- WARNING: they differ" if diff > LOSS_TOLERANCE[_DTYPE.value] else "")
         )
 
     step_flops = metrics.train_flops_per_token(cfg, case.seq) * case.batch * case.seq
@@ -697,11 +708,12 @@ def main(argv):
 
     sizes = [256] if _SMOKE.value else [int(s) for s in _PEAK_SIZES.value]
     backends = {b: common.XLA_DOT_BACKENDS[b] for b in _XLA_BACKENDS.value}
-    peaks = common.matmul_peaks(sizes, xla_backends=backends, torch_threads=threads, iters=3)
+    peaks = common.matmul_peaks(sizes, xla_backends=backends, torch_threads=threads, iters=3, dtype=_DTYPE.value)
     peak_rows = [[lib, *(f"{peaks[lib][n]:.0f}" for n in sizes), f"{max(peaks[lib].values()):.0f}"] for lib in peaks]
-    print("\nfloat32 matmul peak at the start, GFLOP/s (median per size):")
+    print(f"\n{_DTYPE.value} matmul peak at the start, GFLOP/s (median per size):")
     print(common.format_table(["library", *(f"{n}^3" for n in sizes), "peak"], peak_rows), flush=True)
-    probe = common.MatmulProbe(max(sizes), reps=1 if _SMOKE.value else _PROBE_REPS.value, xla_backends=backends)
+    reps = 1 if _SMOKE.value else _PROBE_REPS.value
+    probe = common.MatmulProbe(max(sizes), reps=reps, xla_backends=backends, dtype=_DTYPE.value)
 
     headers = [
         "model", "impl", "batch x seq", "tokens/s", "GFLOP/s", "roofline GFLOP/s", "MFU", "vs torch (raw / MFU)",
@@ -716,7 +728,7 @@ def main(argv):
         notes += case_notes
         print(common.format_table(headers, case_rows), flush=True)
         gc.collect()
-    print(f"\ntrain step (AdamW), float32, medians of {iters} rounds after {_WARMUP.value} warm-up:")
+    print(f"\ntrain step (AdamW), {_DTYPE.value} compute, medians of {iters} rounds after {_WARMUP.value} warm-up:")
     print(common.format_table(headers, rows))
     print("\nmemory (imitax: compiled memory analysis; torch: parameters + gradients + AdamW moments):")
     print(common.format_table(mem_headers, mem_rows))
