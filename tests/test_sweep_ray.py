@@ -254,44 +254,44 @@ def test_shards_then_report_only_equal_one_whole_run(config_file, reference, com
 # -- a cell of several processes ------------------------------------------------------------------------
 
 
+GANG = "p/broad/2K/seed0"  # shard 1/2 of the grid
+
+
 @pytest.fixture(scope="module")
 def gang_run(config_file, reference, ray_cluster, tmp_path_factory):
-    """The finetuned cells under Ray as 2-process JAX jobs of 4 CPU devices each (8 in all, as the reference's).
+    """One finetuning cell under Ray as a JAX job of 2 processes with 4 CPU devices each (8 in all, as the reference).
 
-    The workdir starts with the reference's pretrained base model and base cell (kept: their
-    fingerprints do not depend on the workdir), so only the two finetuning cells run, each as
-    one job of two processes.
+    The workdir is the reference's without that cell and the report; the cell's shard runs (its
+    base model's pretraining is kept), then the report is written from every cell's record.
     """
     import shutil
 
     workdir = tmp_path_factory.mktemp("gang") / "sweep"
-    shutil.copytree(reference / "base", workdir / "base")
-    shutil.copytree(reference / "cells" / "p" / "base", workdir / "cells" / "p" / "base")
-    shutil.copy(reference / "sweep_config.json", workdir / "sweep_config.json")
+    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("results", "seed0"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # the workers' (passed on for CPU cells)
-        summary = sweep.run(
-            load(config_file), workdir, log=quiet, executor="ray", cell_processes=2, max_concurrent_cells=1
-        )
+        summary = sweep.run(load(config_file), workdir, log=quiet, executor="ray", cells="1/2", cell_processes=2)
+    sweep.report(workdir)
     return workdir, summary
 
 
 def test_a_cell_of_two_processes_runs_like_one(gang_run, reference):
     workdir, summary = gang_run
-    assert summary["failed"] == [] and summary["ran"] == 2
+    assert summary["failed"] == [] and summary["ran"] == 1
     assert read_csv(workdir / "results" / "results.csv") == read_csv(reference / "results" / "results.csv")
-    for cell in CELLS[1:]:
-        # One JAX job of 2 processes with 4 devices each ran the cell; process 0 (a Ray worker) wrote its records.
-        provenance = json.loads((workdir / "cells" / cell / "eval" / "facts" / "results.json").read_text())
-        devices = provenance["provenance"]["devices"]
-        assert (devices["process_count"], devices["count"], devices["local_count"]) == (2, 8, 4)
-        assert cell_record(workdir, cell)["worker"]["pid"] != os.getpid()
-    assert cell_record(workdir, "p/base") == cell_record(reference, "p/base")  # kept, not rerun
+    # One JAX job of 2 processes with 4 devices each ran the cell; process 0 (a Ray worker) wrote its records.
+    results = json.loads((workdir / "cells" / GANG / "eval" / "facts" / "results.json").read_text())
+    devices = results["provenance"]["devices"]
+    assert (devices["process_count"], devices["count"], devices["local_count"]) == (2, 8, 4)
+    assert cell_record(workdir, GANG)["worker"]["pid"] != os.getpid()
+    assert not (workdir / "cells" / GANG / lease.LEASE_FILE).exists()  # the driver held and released its lease
 
 
 def test_more_processes_than_the_cluster_has_room_for(config_file, ray_cluster, tmp_path):
     workdir = tmp_path / "sweep"
-    with pytest.raises(sweep.SweepError, match=r"--cell_processes=3: the Ray cluster has room for 2 processes of CPU:1"):
+    with pytest.raises(
+        sweep.SweepError, match=r"--cell_processes=3: the Ray cluster has room for 2 processes of CPU:1"
+    ):
         sweep.run(load(config_file), workdir, log=quiet, executor="ray", cell_processes=3)
     assert _untouched(workdir)
 
