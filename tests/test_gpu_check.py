@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,20 @@ def test_without_a_gpu_it_says_so_in_one_line_and_creates_nothing(tmp_path, nvid
     assert out.stderr == MESSAGE + "\n"
     assert sorted(os.listdir(tmp_path)) == ["bin", "repo"]  # no venv, no home files
     assert sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*")) == ["benchmarks", "benchmarks/gpu_check.sh"]
+
+
+def test_the_driver_without_a_gpu_says_so_in_one_line(tmp_path):
+    """benchmarks/gpu_check.py, run directly where JAX has no GPU: one line on stderr, exit 1, no report written."""
+    driver = SCRIPT.with_name("gpu_check.py")
+    out_file = tmp_path / "report.md"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # what JAX sees on a machine without a GPU
+    command = [sys.executable, str(driver), f"--out={out_file}", f"--logs={tmp_path / 'logs'}"]
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "error: benchmarks/gpu_check.py found no GPU for JAX (jax.devices('gpu')): run it on a machine with an "
+        "NVIDIA GPU, in an environment with imitax's gpu extra (pip install -e '.[gpu]'), or pass --smoke"
+    ]
+    assert os.listdir(tmp_path) == []
