@@ -45,6 +45,14 @@ import time
 
 from absl import app, flags
 
+# Run as a script from anywhere: make the repo root importable for `benchmarks`.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# Read when JAX starts its GPU client: this process's own must not take 75% of the GPU's memory.
+os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+from benchmarks import common  # noqa: E402
+
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes on any device (CPU included): a dry run of every section.")
 _SECTIONS = flags.DEFINE_list("sections", ["tests", "train", "forward", "generate", "mmlu"], "Sections to run.")
 _TESTS = flags.DEFINE_list("tests", ["tests/test_models.py", "tests/test_attention.py"], "Test files run on the GPU.")
@@ -57,7 +65,6 @@ _BUDGETS = flags.DEFINE_list(
 _LOGS = flags.DEFINE_string("logs", None, "Where each section's whole output goes (default: a new temp dir).")
 _OUT = flags.DEFINE_string("out", None, "Also write the report (Markdown) to this file.")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("tests", "train", "forward", "generate", "mmlu")
 
 # Dense (no sparsity) bfloat16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a part of
@@ -338,8 +345,6 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unknown --sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     budgets = dict(item.split("=") for item in _BUDGETS.value)
-    # Before JAX starts here: this process's own client must not take 75% of the GPU's memory.
-    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if not _SMOKE.value and not has_gpu():
         sys.exit(
             "error: benchmarks/gpu_check.py found no GPU for JAX (jax.devices('gpu')): run it on a machine with an "
@@ -363,8 +368,6 @@ def main(argv):
                 failed.append(name)
             rows += ROWS[section](run, gpu_name)
 
-    from benchmarks import common  # after the sections: this process's JAX stays out of their way until then
-
     title = f"GPU check on {gpu_name}" + (" (--smoke: tiny shapes, not a measurement)" if _SMOKE.value else "")
     report = [
         f"## {title}",
@@ -384,5 +387,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
     app.run(main)
