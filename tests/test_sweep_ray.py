@@ -263,36 +263,69 @@ def gang_run(config_file, reference, ray_cluster, tmp_path_factory):
 
     The workdir is the reference's without that cell and the report; the cell's shard runs (its
     base model's pretraining is kept), then the report is written from every cell's record.
+    Process 0 is killed (SIGKILL) after the job's first checkpoint: the group must run again.
     """
     import shutil
 
     workdir = tmp_path_factory.mktemp("gang") / "sweep"
     shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("results", "seed0"))
+    result = {}
+
+    def drive():
+        try:
+            result["summary"] = sweep.run(
+                load(config_file), workdir, log=quiet, executor="ray", cells="1/2", cell_processes=2, retries=1
+            )
+        except BaseException as e:  # noqa: BLE001 - re-raised by the test
+            result["error"] = e
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # the workers' (passed on for CPU cells)
-        summary = sweep.run(load(config_file), workdir, log=quiet, executor="ray", cells="1/2", cell_processes=2)
+        thread = threading.Thread(target=drive)
+        thread.start()
+        killed = None
+        deadline = time.monotonic() + 240
+        while thread.is_alive() and time.monotonic() < deadline and killed is None:
+            if th.checkpoint_steps(workdir / "cells" / GANG / "train")[-1:] >= [1]:
+                killed = cell_record(workdir, GANG)["worker"]["pid"]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.01)
+        thread.join(timeout=300)
+    assert "error" not in result, result.get("error")
     sweep.report(workdir)
-    return workdir, summary
+    return workdir, result["summary"], killed
 
 
 def test_a_cell_of_two_processes_runs_like_one(gang_run, reference):
-    workdir, summary = gang_run
+    workdir, summary, _ = gang_run
     assert summary["failed"] == [] and summary["ran"] == 1
     assert read_csv(workdir / "results" / "results.csv") == read_csv(reference / "results" / "results.csv")
     # One JAX job of 2 processes with 4 devices each ran the cell; process 0 (a Ray worker) wrote its records.
     results = json.loads((workdir / "cells" / GANG / "eval" / "facts" / "results.json").read_text())
     devices = results["provenance"]["devices"]
     assert (devices["process_count"], devices["count"], devices["local_count"]) == (2, 8, 4)
-    assert cell_record(workdir, GANG)["worker"]["pid"] != os.getpid()
     assert not (workdir / "cells" / GANG / lease.LEASE_FILE).exists()  # the driver held and released its lease
 
 
-def test_more_processes_than_the_cluster_has_room_for(config_file, ray_cluster, tmp_path):
+def test_a_killed_process_reruns_its_whole_group(gang_run):
+    workdir, _, killed = gang_run
+    assert killed is not None, "the cell finished before its process 0 could be killed"
+    record = cell_record(workdir, GANG)
+    assert record["status"] == "done"
+    assert record["worker"]["pid"] not in (killed, os.getpid())  # a new group's process 0
+    assert record["resumed_from_step"] >= 1  # from the checkpoint the first group saved
+
+
+def test_cell_processes_out_of_range(config_file, ray_cluster, tmp_path):
     workdir = tmp_path / "sweep"
     with pytest.raises(
         sweep.SweepError, match=r"--cell_processes=3: the Ray cluster has room for 2 processes of CPU:1"
     ):
         sweep.run(load(config_file), workdir, log=quiet, executor="ray", cell_processes=3)
+    with pytest.raises(sweep.SweepError, match=r"--cell_processes=0: must be at least 1"):
+        sweep.run(load(config_file), workdir, log=quiet, executor="ray", cell_processes=0)
+    with pytest.raises(sweep.SweepError, match=r"--cell_processes=2: only with --executor=ray"):
+        sweep.run(load(config_file), workdir, log=quiet, cell_processes=2)
     assert _untouched(workdir)
 
 
