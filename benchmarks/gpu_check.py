@@ -330,7 +330,12 @@ def commands(smoke: bool) -> dict[str, list[tuple[str, list[str]]]]:
     return {
         "tests": [("tests", tests)],
         "train": [("train", bench("train", *train))],
-        "forward": [("forward", bench("forward", "--tasks=forward", "--model=all", bf16, "--iters=5", *peak))],
+        "forward": [
+            (
+                "forward",
+                bench("forward", "--tasks=forward", "--model=all", "--xla_backends=ynn", bf16, "--iters=5", *peak),
+            )
+        ],
         "generate": [
             (f"generate_{m}", bench("generate", "--sections=torch", f"--model={m}", "--batches=1,8", "--iters=3", bf16))
             for m in ("gpt2", "llama1b")
