@@ -109,10 +109,10 @@ class RayExecutor:
         import ray
 
         for ref, owner in self._refs.items():
-            if isinstance(owner, _Gang):
-                owner.end()  # actors are killed, not cancelled (Ray cancels no running actor task by force)
-            else:
+            if not isinstance(owner, _Gang):
                 ray.cancel(ref, force=True)
+        for gang in {id(o): o for o in self._refs.values() if isinstance(o, _Gang)}.values():
+            gang.end()  # its actors are killed: Ray cancels no running actor task by force
         if self._started_ray:
             ray.shutdown()
 
@@ -191,7 +191,7 @@ class RayExecutor:
             options["runtime_env"] = {"env_vars": env}
         self._task = ray.remote(local.execute_in_worker).options(**options)
         # A gang's processes: retried by the driver as a group, never one by one (the others would wait for it).
-        self._actor = ray.remote(CellProcess)
+        self._actor = ray.remote(_CellProcess)
         self._actor_options = {k: v for k, v in options.items() if k not in ("max_retries", "retry_exceptions")}
         self._actor_options.update(max_restarts=0, max_task_retries=0)
 
@@ -241,8 +241,8 @@ class RayExecutor:
         """A gang's outcome once process 0 returns; None while it runs or when it runs again.
 
         Process 0's outcome is the step's (it wrote the records): the others, finished or not,
-        are ended with it. A process that died ends the group, which runs again, all N processes
-        anew, while retries are left.
+        are ended with it. A process that died (or could not join the job) ends the group, which
+        runs again, all N processes anew, while retries are left.
         """
         import ray
 
@@ -277,7 +277,7 @@ def _lost_record(config, workdir: epath.Path, step: Step, error: str) -> dict[st
     return record
 
 
-class CellProcess:
+class _CellProcess:
     """Process ``index`` of a cell's N-process JAX job: a Ray actor, a new worker process for each step."""
 
     def coordinator(self) -> str:
