@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh --mmlu_jsonl=mmlu.jsonl  # real ones (see benchmarks/mmlu_benchmark.py)
 #
 # Arguments go to benchmarks/gpu_check.py (its --help lists them). Environment: PYTHON (the
-# interpreter that makes the venv, default python3), IMITAX_GPU_VENV (default .venv-gpu).
+# interpreter that makes the venv, default python3), IMITAX_GPU_VENV (default .venv-gpu),
+# IMITAX_GPU_PINS (default: the jax and torch versions the CPU test suite runs with).
 # The table is also written to benchmarks/results/gpu_check.md.
 set -euo pipefail
 
@@ -27,6 +28,10 @@ fi
 # The default PyPI torch wheel for Linux x86-64 is built with CUDA; jax[cuda12] brings CUDA's
 # libraries as wheels, so only the NVIDIA driver has to be on the machine.
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e ".[gpu,test]" torch
+pins=("jax[cuda12]==0.10.2" "torch==2.13.0")
+if [[ -n "${IMITAX_GPU_PINS+set}" ]]; then
+  read -ra pins <<<"$IMITAX_GPU_PINS"
+fi
+"$venv/bin/python" -m pip install --quiet -e ".[gpu,test]" "${pins[@]}"
 
 exec "$venv/bin/python" benchmarks/gpu_check.py --out=benchmarks/results/gpu_check.md "$@"
