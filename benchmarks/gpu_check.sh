@@ -2,7 +2,8 @@
 # The GPU check: on a fresh machine with an NVIDIA GPU and Python, install imitax with the `gpu`
 # extra into a virtual environment, run the model tests on the GPU, and print one table of the
 # GPU's figures (LLaMA-1B train-step MFU in bfloat16, forward and greedy-decoding throughput
-# against transformers, MMLU scoring time). Runs from anywhere; about 8 minutes on one H100/H200.
+# against transformers, MMLU scoring time). Runs from anywhere; at most 7.2 minutes of work on
+# one H100/H200 (the sections' time limits), plus the install.
 #
 #   bash benchmarks/gpu_check.sh                          # synthetic MMLU questions
 #   bash benchmarks/gpu_check.sh --mmlu_jsonl=mmlu.jsonl  # real ones (see benchmarks/mmlu_benchmark.py)
