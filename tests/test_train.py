@@ -300,6 +300,24 @@ def test_paper_optimizer_matches_its_formula():
     assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(settings["lr"])
 
 
+def test_global_norm_clipping_equals_optaxs():
+    rng = np.random.default_rng(1)
+    shapes = {"a": (64, 32), "b": (32,), "c": (3, 16, 8)}
+    ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    for scale, clipped in ((0.01, False), (10.0, True)):
+        grads = {k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in shapes.items()}
+        got, _ = jax.jit(ours.update)(grads, ours.init(grads))
+        want, _ = theirs.update(grads, theirs.init(grads))
+        norm = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
+        assert (norm > 1.0) == clipped
+        for k in shapes:
+            if clipped:  # one rounding apart: g * (1 / norm) against (g / norm) * 1
+                np.testing.assert_allclose(got[k], want[k], rtol=3e-7, atol=0, err_msg=k)
+                np.testing.assert_allclose(got[k], grads[k] / norm, rtol=1e-6, err_msg=k)
+            else:
+                np.testing.assert_array_equal(got[k], grads[k], err_msg=k)
+
+
 # -- dropout and the chunked cross-entropy -------------------------------------------------------
 
 

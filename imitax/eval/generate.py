@@ -130,6 +130,7 @@ def _decode(
       final cache (returned so that the donated one is updated in place).
     """
     model = nnx.merge(graphdef, state)
+    layer_params = model.decoding_layers()  # on the CPU: copied once here, not sliced out at every token
     first_b = _next_token(jax.random.fold_in(key, 0), logits_bv, sampling, greedy)
     batch = first_b.shape[0]
     ones_b1 = jnp.ones((batch, 1), jnp.int32)
@@ -143,7 +144,9 @@ def _decode(
 
     def body(carry):
         step, token_b, cache, positions_b, done_b, out_bn = carry
-        logits_b1v, cache = model.extend(token_b[:, None], cache, positions_b[:, None], ones_b1)
+        logits_b1v, cache = model.extend(
+            token_b[:, None], cache, positions_b[:, None], ones_b1, layer_params=layer_params
+        )
         token_b = _next_token(jax.random.fold_in(key, step), logits_b1v[:, 0], sampling, greedy)
         # Finished rows keep running (the batch moves together) but emit padding.
         token_b = jnp.where(done_b, pad_id, token_b)

@@ -289,13 +289,17 @@ def _pick(logits_bv, sampling: _Settings, penalty_bv=None):
     return token_b, chosen_b, top_ids, top_vals
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2,))
-def _prefill_step(graphdef, state, cache, index, rows_p, tokens_pc, positions_pc, segment_ids_pc, sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(3,))
+def _prefill_step(
+    graphdef, state, layer_params, cache, index, rows_p, tokens_pc, positions_pc, segment_ids_pc, sampling
+):
     """One prompt chunk for the slots ``rows_p``, written at cache position ``index`` (a row equal to the batch
     size is padding: never written); picks a token from each chunk's last position (used where it ends a prompt)."""
     model = nnx.merge(graphdef, state)
     sub = {name: jnp.take(cache[name], rows_p, axis=_SLOT_AXIS[name], mode="clip") for name in _SLOT_AXIS}
-    h_pce, sub = model.hidden(tokens_pc, positions_pc, segment_ids_pc, {**sub, "index": index})
+    h_pce, sub = model.hidden(
+        tokens_pc, positions_pc, segment_ids_pc, {**sub, "index": index}, layer_params=layer_params
+    )
     picked = _pick(model.logits(h_pce[:, -1:])[:, 0], sampling)  # nothing generated yet: no penalties
     new = {
         name: cache[name].at[(slice(None),) * axis + (rows_p,)].set(sub[name], mode="drop")
@@ -304,8 +308,10 @@ def _prefill_step(graphdef, state, cache, index, rows_p, tokens_pc, positions_pc
     return new, picked
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(2, 3))
-def _decode_step(graphdef, state, cache, seen_bv, index, tokens_b, positions_b, segment_ids_b, fresh_b, sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(3, 4))
+def _decode_step(
+    graphdef, state, layer_params, cache, seen_bv, index, tokens_b, positions_b, segment_ids_b, fresh_b, sampling
+):
     """Every slot writes one token at ``index`` (segment 0 where it is not decoding) and picks the next.
 
     ``seen_bv`` counts each slot's generated tokens for the penalties: a decoding slot adds the
@@ -314,7 +320,9 @@ def _decode_step(graphdef, state, cache, seen_bv, index, tokens_b, positions_b, 
     """
     model = nnx.merge(graphdef, state)
     cache = {**cache, "index": index}
-    logits_b1v, cache = model.extend(tokens_b[:, None], cache, positions_b[:, None], segment_ids_b[:, None])
+    logits_b1v, cache = model.extend(
+        tokens_b[:, None], cache, positions_b[:, None], segment_ids_b[:, None], layer_params=layer_params
+    )
     cache = constrain_cache(cache)
     seen_bv = jnp.where(fresh_b[:, None], 0, seen_bv)
     seen_bv = seen_bv.at[jnp.arange(seen_bv.shape[0]), tokens_b].add((segment_ids_b != 0).astype(seen_bv.dtype))
@@ -380,6 +388,9 @@ class Engine:
         self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.buckets = tuple(1 << i for i in range(max(1, min(prefill_rows, max_batch)).bit_length()))
         self.graphdef, self.state = nnx.split(model)
+        # On the CPU, each layer's weights as arrays of their own, read by every step (the model's
+        # decoding_layers: one more copy of the layers' weights, for as long as the engine lives).
+        self.layer_params = jax.jit(lambda state: nnx.merge(self.graphdef, state).decoding_layers())(self.state)
         # A slot's entries span at most its prompt rounded up to chunks, a step per chunk and its
         # output; the headroom past that sets how often the cache is compacted.
         span = self.max_len + self.chunk + -(-self.max_len // self.chunk)
@@ -419,13 +430,15 @@ class Engine:
             rows = [self.max_batch] * p
             zeros = np.zeros((p, self.chunk), np.int32)
             self.cache, _ = _prefill_step(
-                self.graphdef, self.state, self.cache, np.int32(0), np.array(rows, np.int32), zeros, zeros, zeros,
+                self.graphdef, self.state, self.layer_params, self.cache, np.int32(0), np.array(rows, np.int32),
+                zeros, zeros, zeros,
                 self._sampling(rows),
             )  # fmt: skip
         zeros = np.zeros((self.max_batch,), np.int32)  # segment 0 everywhere, then moved back
         self.cache, self.seen, picked = _decode_step(
             self.graphdef,
             self.state,
+            self.layer_params,
             self.cache,
             self.seen,
             np.int32(0),
@@ -612,8 +625,8 @@ class Engine:
             segment_ids[j, pad:] = slot.uid
             slot.filled += len(part)
         self.cache, picked = _prefill_step(
-            self.graphdef, self.state, self.cache, np.int32(start), np.array(padded, np.int32), tokens, positions,
-            segment_ids, self._sampling(padded),
+            self.graphdef, self.state, self.layer_params, self.cache, np.int32(start), np.array(padded, np.int32),
+            tokens, positions, segment_ids, self._sampling(padded),
         )  # fmt: skip
         self._deliver([i for i in rows if not self.slots[i].prefilling], padded, picked)
 
@@ -626,8 +639,8 @@ class Engine:
             tokens[i], positions[i], segment_ids[i] = slot.pending, slot.filled, slot.uid
             fresh[i] = len(slot.generated) == 1
         self.cache, self.seen, picked = _decode_step(
-            self.graphdef, self.state, self.cache, self.seen, np.int32(self.index), tokens, positions, segment_ids,
-            fresh, self._sampling(range(self.max_batch)),
+            self.graphdef, self.state, self.layer_params, self.cache, self.seen, np.int32(self.index), tokens,
+            positions, segment_ids, fresh, self._sampling(range(self.max_batch)),
         )  # fmt: skip
         self.index += 1
         for i in rows:

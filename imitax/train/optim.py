@@ -116,6 +116,27 @@ def _scale_by_weight_rms(min_scale: float = 1e-3) -> optax.GradientTransformatio
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm``, with the clipping applied as one factor per step.
+
+    optax clips each gradient as ``(g / norm) * max_norm``. XLA counts an elementwise division as
+    expensive and does not repeat it inside each of its consumers (Adam's two moments), so it writes
+    a clipped copy of every gradient, one more pass over them (the LLaMA-1B shape's compiled train
+    step at 2x512 tokens: 8.69 GiB of temporaries, 8.45 without the copy). Multiplying by
+    ``max_norm / norm``, computed once, fuses into the moments' updates instead. Unclipped steps are
+    bit-identical to optax's (a factor of exactly 1); clipped ones differ by at most one rounding
+    per element.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates)
+        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.ClipByGlobalNormState(), update_fn)
+
+
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
     """The optimizer named by ``cfg.name`` and its learning-rate schedule.
 
@@ -135,7 +156,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
     schedule = make_schedule(
         cfg.lr, cfg.schedule, warmup_steps(cfg, total_steps), total_steps, getattr(cfg, "final_lr_fraction", 0.0)
     )
-    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
+    clip = clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
     mu_dtype = jnp.dtype(getattr(cfg, "mu_dtype", "float32"))
     if name == "adamw":
         opt = optax.adamw(
