@@ -49,6 +49,7 @@ __all__ = [
     "TRAIN_DEFAULT",
     "BackendError",
     "check",
+    "check_platform",
     "configure",
     "define_flag",
     "xla_flags",
@@ -132,6 +133,22 @@ def check(backend: str, *, system: str | None = None, machine: str | None = None
         )
 
 
+def _installed_plugins() -> list[str]:
+    """The JAX accelerator plugins installed here, by name (``xla_cuda12``, ``libtpu``, ...)."""
+    # JAX finds plugins both ways: modules of the jax_plugins namespace package, and entry points.
+    plugins = []
+    try:
+        spec = importlib.util.find_spec("jax_plugins")
+        if spec is not None and spec.submodule_search_locations:
+            plugins += sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations))
+        plugins += sorted(ep.name for ep in importlib.metadata.entry_points(group="jax_plugins"))
+    except Exception:  # a broken distribution's metadata must not stop a CPU run
+        pass
+    if importlib.util.find_spec("libtpu") is not None:
+        plugins.append("libtpu")
+    return plugins
+
+
 def _accelerator(environ: MutableMapping[str, str]) -> tuple[str | None, bool]:
     """The accelerator JAX would use instead of the CPU, as far as can be told without starting it.
 
@@ -145,18 +162,35 @@ def _accelerator(environ: MutableMapping[str, str]) -> tuple[str | None, bool]:
     if platforms:
         first = platforms.split(",")[0].strip().lower()
         return (None if first == "cpu" else f"JAX_PLATFORMS={platforms}"), True
-    # JAX finds plugins both ways: modules of the jax_plugins namespace package, and entry points.
-    plugins = []
-    try:
-        spec = importlib.util.find_spec("jax_plugins")
-        if spec is not None and spec.submodule_search_locations:
-            plugins += sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations))
-        plugins += sorted(ep.name for ep in importlib.metadata.entry_points(group="jax_plugins"))
-    except Exception:  # a broken distribution's metadata must not stop a CPU run
-        pass
-    if importlib.util.find_spec("libtpu") is not None:
-        plugins.append("libtpu")
+    plugins = _installed_plugins()
     return (f"the installed JAX plugin {plugins[0]}" if plugins else None), False
+
+
+# JAX_PLATFORMS names of accelerators -> what their plugin's name contains, and how to get it.
+_PLATFORM_PLUGINS = {
+    "cuda": (("cuda",), "an NVIDIA GPU", "install the gpu extra (pip install 'imitax[gpu]')"),
+    "gpu": (("cuda", "rocm"), "a GPU", "install the gpu extra (pip install 'imitax[gpu]')"),
+    "rocm": (("rocm",), "an AMD GPU", "install JAX's ROCm plugin"),
+    "tpu": (("tpu",), "a TPU", "install jax[tpu]"),
+}
+
+
+def check_platform(environ: MutableMapping[str, str] | None = None) -> None:
+    """Raises :class:`BackendError` when ``JAX_PLATFORMS`` asks for an accelerator whose JAX plugin is not installed.
+
+    JAX itself fails only when a program first touches a device, deep inside the run and with
+    a traceback; this says it at start-up, in one line, without starting JAX.
+    """
+    environ = os.environ if environ is None else environ
+    platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if not platforms or platforms[0] not in _PLATFORM_PLUGINS:
+        return
+    needles, what, remedy = _PLATFORM_PLUGINS[platforms[0]]
+    if not any(n in plugin.lower() for plugin in _installed_plugins() for n in needles):
+        raise BackendError(
+            f"JAX_PLATFORMS={environ['JAX_PLATFORMS']} asks JAX for {what}, but no JAX plugin for one is "
+            f"installed here: on a machine with {what}, {remedy}; or unset JAX_PLATFORMS to run on the CPU"
+        )
 
 
 def _backends_started() -> bool:
@@ -195,6 +229,13 @@ def _configure(backend: str, explicit: bool, environ: MutableMapping[str, str]) 
     """:func:`configure` without the logging: ``(backend in effect, what happened)``."""
     if backend not in BACKENDS:
         check(backend)  # raises, naming the backends
+    accelerator, certain = _accelerator(environ)
+    if backend != "default" and accelerator is not None and explicit and certain:
+        raise BackendError(
+            f"--xla_backend={backend} picks a CPU matmul library, but {accelerator} runs JAX on an "
+            "accelerator: drop --xla_backend, or set JAX_PLATFORMS=cpu"
+        )
+    check_platform(environ)
     ours = environ.get(MARKER)
     user_flags = environ.get("XLA_FLAGS", "")
     if ours in COMPILE_OPTIONS and user_flags == xla_flags(ours):
@@ -207,13 +248,7 @@ def _configure(backend: str, explicit: bool, environ: MutableMapping[str, str]) 
             "(unset XLA_FLAGS to use it)"
         )
     note = ""
-    accelerator, certain = _accelerator(environ)
     if backend != "default" and accelerator is not None:
-        if explicit and certain:
-            raise BackendError(
-                f"--xla_backend={backend} picks a CPU matmul library, but {accelerator} runs JAX on an "
-                "accelerator: drop --xla_backend, or set JAX_PLATFORMS=cpu"
-            )
         note = (
             f"JAX will run on {accelerator}: --xla_backend={backend} left unapplied "
             "(set JAX_PLATFORMS=cpu to run on the CPU with it)"

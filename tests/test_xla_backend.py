@@ -96,7 +96,15 @@ def test_edited_flags_with_our_marker_count_as_the_users():
     assert environ["XLA_FLAGS"].endswith("--xla_dump_to=/tmp/d")
 
 
-def test_accelerator_platform_leaves_the_flags_or_refuses_an_explicit_request(caplog):
+def _fake_cuda_plugin(tmp_path, monkeypatch):
+    # A jax_plugins namespace module, as jax-cuda12-plugin installs: JAX would try it first.
+    (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_accelerator_platform_leaves_the_flags_or_refuses_an_explicit_request(caplog, tmp_path, monkeypatch):
+    _fake_cuda_plugin(tmp_path, monkeypatch)
     environ = {"JAX_PLATFORMS": "cuda"}
     with caplog.at_level(logging.INFO, logger="imitax.xla_backend"):
         assert xla_backend.configure("onednn", explicit=False, environ=environ) == "default"
@@ -108,10 +116,7 @@ def test_accelerator_platform_leaves_the_flags_or_refuses_an_explicit_request(ca
 
 
 def test_an_installed_accelerator_plugin_leaves_the_default_unapplied(tmp_path, monkeypatch):
-    # A jax_plugins namespace module, as jax-cuda12-plugin installs: JAX would try it first.
-    (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
-    (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _fake_cuda_plugin(tmp_path, monkeypatch)
     environ = {}
     assert xla_backend.configure("onednn", explicit=False, environ=environ) == "default"
     assert "XLA_FLAGS" not in environ
@@ -250,6 +255,27 @@ def test_cpu_backend_on_an_accelerator_platform_is_one_line_and_status_1():
     assert out.stderr.splitlines() == [
         "error: --xla_backend=eigen picks a CPU matmul library, but JAX_PLATFORMS=tpu runs JAX on an accelerator: "
         "drop --xla_backend, or set JAX_PLATFORMS=cpu"
+    ]
+
+
+def test_an_accelerator_platform_without_its_plugin_is_refused(tmp_path, monkeypatch):
+    with pytest.raises(xla_backend.BackendError, match="JAX_PLATFORMS=cuda asks JAX for an NVIDIA GPU, but no JAX"):
+        xla_backend.configure("default", explicit=False, environ={"JAX_PLATFORMS": "cuda"})
+    _fake_cuda_plugin(tmp_path, monkeypatch)
+    xla_backend.check_platform({"JAX_PLATFORMS": "cuda"})  # a plugin is there: JAX gets to try
+    with pytest.raises(xla_backend.BackendError, match="asks JAX for a TPU"):
+        xla_backend.check_platform({"JAX_PLATFORMS": "tpu,cpu"})
+    xla_backend.check_platform({"JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+def test_a_gpu_asked_for_where_there_is_none_is_one_line_and_status_1(script):
+    out = run_script(script, env=clean_env(JAX_PLATFORMS="cuda"))
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "error: JAX_PLATFORMS=cuda asks JAX for an NVIDIA GPU, but no JAX plugin for one is installed here: on a "
+        "machine with an NVIDIA GPU, install the gpu extra (pip install 'imitax[gpu]'); or unset JAX_PLATFORMS to "
+        "run on the CPU"
     ]
 
 
