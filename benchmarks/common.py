@@ -15,6 +15,10 @@ Every script runs where JAX and PyTorch find an accelerator (JAX's default devic
 ``cuda`` when available, see :func:`torch_device`) and in the ``--dtype`` that
 :func:`define_dtype_flag` defines: float32 by default, as on CPU, or bfloat16. The dot backends
 above are XLA:CPU options; on a GPU only ``ynn`` (no options) applies.
+
+Importing this module applies the allocator setting that imitax's scripts apply at start-up
+(:func:`imitax.allocator.keep_freed_memory`), so that both imitax and PyTorch run with what a
+user of the scripts gets; :func:`environment` says whether it was applied.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from imitax import xla_backend
+from imitax import allocator, xla_backend
+
+# As scripts/train.py and the other scripts do at start-up (skipped when MALLOC_* is set).
+KEEP_FREED_MEMORY = allocator.keep_freed_memory()
 
 # Dot kernel libraries of jaxlib 0.10's CPU backend, as per-compile DebugOptions: the library's
 # table (imitax.xla_backend), which the scripts' --xla_backend sets through XLA_FLAGS instead.
@@ -347,5 +354,6 @@ def environment() -> str:
     return (
         f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, {os.cpu_count()} CPUs ({platform.machine()}), "
-        f"load average {load}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {device_summary()}"
+        f"load average {load}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, freed memory kept "
+        f"(imitax.allocator): {'yes' if KEEP_FREED_MEMORY else 'no'}; {device_summary()}"
     )
