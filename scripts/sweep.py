@@ -8,7 +8,7 @@ evaluate each cell, and draw the study's figures. Rerunning the same command res
   python scripts/sweep.py --config=configs/demo.py --workdir=out/demo --dry_run     # print the plan
   python scripts/sweep.py --config=configs/demo.py --workdir=out/demo --executor=ray --max_concurrent_cells=2
   python scripts/sweep.py --config=... --workdir=... --cells=3/8   # one shard (a SLURM array task)
-  python scripts/sweep.py --config=... --workdir=... --executor=ray --cell_processes=4 --cell_resources=TPU:4
+  python scripts/sweep.py --config=... --workdir=... --executor=ray --cell_processes=2 --cell_resources=GPU:8
   python scripts/sweep.py --config=configs/demo_distill.py --workdir=out/demo_distill   # sft, kd, gkd
 
 docs/launch.md has the recipes for Ray clusters (TPU VMs, GPU nodes) and SLURM arrays.
