@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import train_helpers as th
@@ -319,7 +320,7 @@ def test_a_killed_process_reruns_its_whole_group(gang_run):
 def test_cell_processes_out_of_range(config_file, ray_cluster, tmp_path):
     workdir = tmp_path / "sweep"
     with pytest.raises(
-        sweep.SweepError, match=r"--cell_processes=3: the Ray cluster has room for 2 processes of CPU:1"
+        sweep.SweepError, match=r"--cell_processes=3: the Ray cluster's 1 nodes have room for 2 of 3 processes of CPU:1"
     ):
         sweep.run(load(config_file), workdir, log=quiet, executor="ray", cell_processes=3)
     with pytest.raises(sweep.SweepError, match=r"--cell_processes=0: must be at least 1"):
@@ -327,6 +328,24 @@ def test_cell_processes_out_of_range(config_file, ray_cluster, tmp_path):
     with pytest.raises(sweep.SweepError, match=r"--cell_processes=2: only with --executor=ray"):
         sweep.run(load(config_file), workdir, log=quiet, cell_processes=2)
     assert _untouched(workdir)
+
+
+def test_a_group_spreads_over_nodes_when_enough_have_room():
+    from imitax.sweep import ray_executor
+
+    def strategy(processes: int, resources: str, *nodes: dict) -> str:
+        cluster = types.SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": n} for n in nodes])
+        return ray_executor.RayExecutor("local", resources, 1, 0, processes)._placement(cluster)
+
+    gpu_host = {"CPU": 32, "GPU": 8}
+    assert strategy(2, "GPU:8", gpu_host, gpu_host) == "STRICT_SPREAD"  # one process per host
+    assert strategy(2, "GPU:4", gpu_host) == "PACK"  # both on the one host
+    assert strategy(3, "GPU:4", gpu_host, {"CPU": 8, "GPU": 4}) == "PACK"  # 2 + 1
+    assert strategy(2, "CPU:1", {"CPU": 2}) == "PACK"  # the test cluster
+    with pytest.raises(
+        sweep.SweepError, match=r"cluster's 2 nodes have room for 1 of 2 processes of CPU:1,GPU:8; ask for fewer"
+    ):
+        strategy(2, "GPU:8", gpu_host, {"CPU": 8, "GPU": 4})
 
 
 # -- leases --------------------------------------------------------------------------------------------

@@ -165,9 +165,8 @@ class RayExecutor:
             return "PACK"
         wanted = ",".join(f"{k}:{v:g}" for k, v in self.bundle.items())
         raise SweepError(
-            f"--cell_processes={self.processes}: the Ray cluster has room for {sum(fits)} processes of "
-            f"{wanted} (on {len(nodes)} nodes), not {self.processes}; ask for fewer processes or resources, "
-            "or add nodes"
+            f"--cell_processes={self.processes}: the Ray cluster's {len(nodes)} nodes have room for {sum(fits)} "
+            f"of {self.processes} processes of {wanted}; ask for fewer processes or resources, or add nodes"
         )
 
     def prepare(self, config, workdir: epath.Path, tasks: dict, log) -> None:
