@@ -18,8 +18,9 @@ settings, the plan as a graph of steps, shards, size estimates), :mod:`~imitax.s
 (the whole grid checked before anything runs, through each layer's own check),
 :mod:`~imitax.sweep.driver` (:func:`run`: checks, plans, schedules the steps, reports),
 :mod:`~imitax.sweep.lease` (one driver per cell), the executors :mod:`~imitax.sweep.local`
-(the steps in this process) and :mod:`~imitax.sweep.ray_executor` (each step a Ray task), and
-:mod:`~imitax.sweep.report` (the table, provenance and :mod:`~imitax.sweep.plots`).
+(the steps in this process) and :mod:`~imitax.sweep.ray_executor` (each step a Ray task, or a
+placement group of ``--cell_processes`` processes), and :mod:`~imitax.sweep.report` (the
+table, provenance and :mod:`~imitax.sweep.plots`).
 ``docs/launch.md`` has the recipes for Ray clusters and SLURM arrays.
 
 The sweep workdir::
