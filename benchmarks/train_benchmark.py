@@ -598,12 +598,13 @@ def bench_case(case: Case, probe: common.MatmulProbe, iters: int) -> tuple[list[
 
         return call
 
+    def first_steps() -> float:
+        """One untimed step per compiled backend; the first one's loss (later ones start from updated weights)."""
+        return [jx.step(backend) for backend in jx.compiled][0]
+
     def load_imitax(hf) -> None:
         jx.load(core.params_from_hf(cfg, {k: v.detach().cpu().numpy() for k, v in hf.state_dict().items()}))
-        for i, backend in enumerate(jx.compiled):
-            loss = jx.step(backend)
-            if i == 0:  # later backends start from weights the first one has already updated
-                first_loss["imitax"] = loss
+        first_loss["imitax"] = first_steps()
 
     def imitax_memory(before: int) -> None:
         a = jx.analysis
@@ -635,29 +636,26 @@ def bench_case(case: Case, probe: common.MatmulProbe, iters: int) -> tuple[list[
         if _PROFILE.value:
             profile.append(profile_tables(case, jx, _PROFILE_ITERS.value))
     else:
-        if jax_need + 8 * n < 0.9 * available:
-            hf = hf_model(cfg)
-            load_imitax(hf)
-            del hf
-            gc.collect()
+        if jax_need < 0.9 * available:
+            if jax_need + 8 * n < 0.9 * available:
+                hf = hf_model(cfg)
+                load_imitax(hf)
+                del hf
+                gc.collect()
+            else:
+                # No room for the transformers model and a numpy copy beside the train state: imitax's
+                # own initialization instead, so the two start from different weights (same FLOPs).
+                jx.load_random()
+                first_steps()
+                notes.append(
+                    f"{case.name}: imitax initialized at random by itself (no room for a copy of the transformers "
+                    "weights), so the first losses are not compared"
+                )
             before = live_bytes()
             timed(imitax_fns)
             imitax_memory(before)
             if _PROFILE.value:
                 profile.append(profile_tables(case, jx, _PROFILE_ITERS.value))
-        elif jax_need < 0.9 * available:
-            # No room for the transformers model and a numpy copy beside the train state: imitax's
-            # own initialization instead, so the two start from different weights (same FLOPs).
-            jx.load_random()
-            for backend in jx.compiled:
-                jx.step(backend)
-            notes.append(
-                f"{case.name}: imitax initialized at random by itself (no room for a copy of the transformers "
-                "weights), so the first losses are not compared"
-            )
-            before = live_bytes()
-            timed(imitax_fns)
-            imitax_memory(before)
         else:
             notes.append(f"{case.name}: imitax skipped, it would not fit in {available / GIB:.1f} GiB")
         jx.state = None
