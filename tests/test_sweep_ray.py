@@ -146,13 +146,21 @@ def ray_cluster(compile_cache):
 def ray_run(config_file, reference, ray_cluster, tmp_path_factory):
     """The grid under Ray, 2 cells at a time, with one cell's worker killed (SIGKILL) after its first checkpoint."""
     workdir = tmp_path_factory.mktemp("ray") / "sweep"
+    summary, killed = run_killing(config_file, workdir, KILLED, max_concurrent_cells=2, retries=2)
+    return workdir, summary, killed
+
+
+def run_killing(config_file, workdir, cell: str, **run_args) -> tuple[dict, int | None]:
+    """``sweep.run`` under Ray in a thread, killing ``cell``'s worker (SIGKILL) once it has a checkpoint.
+
+    Returns:
+      the run's summary, and the pid killed (None if the cell never reached a checkpoint).
+    """
     result = {}
 
     def drive():
         try:
-            result["summary"] = sweep.run(
-                load(config_file), workdir, log=quiet, executor="ray", max_concurrent_cells=2, retries=2
-            )
+            result["summary"] = sweep.run(load(config_file), workdir, log=quiet, executor="ray", **run_args)
         except BaseException as e:  # noqa: BLE001 - re-raised by the test
             result["error"] = e
 
@@ -161,13 +169,13 @@ def ray_run(config_file, reference, ray_cluster, tmp_path_factory):
     killed = None
     deadline = time.monotonic() + 240
     while thread.is_alive() and time.monotonic() < deadline and killed is None:
-        if th.checkpoint_steps(workdir / "cells" / KILLED / "train")[-1:] >= [1]:
-            killed = cell_record(workdir, KILLED)["worker"]["pid"]
+        if th.checkpoint_steps(workdir / "cells" / cell / "train")[-1:] >= [1]:
+            killed = cell_record(workdir, cell)["worker"]["pid"]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.01)
     thread.join(timeout=300)
     assert "error" not in result, result.get("error")
-    return workdir, result["summary"], killed
+    return result["summary"], killed
 
 
 def test_ray_runs_the_grid_like_the_local_executor(ray_run, reference):
@@ -270,31 +278,11 @@ def gang_run(config_file, reference, ray_cluster, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("gang") / "sweep"
     shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("results", "seed0"))
-    result = {}
-
-    def drive():
-        try:
-            result["summary"] = sweep.run(
-                load(config_file), workdir, log=quiet, executor="ray", cells="1/2", cell_processes=2, retries=1
-            )
-        except BaseException as e:  # noqa: BLE001 - re-raised by the test
-            result["error"] = e
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # the workers' (passed on for CPU cells)
-        thread = threading.Thread(target=drive)
-        thread.start()
-        killed = None
-        deadline = time.monotonic() + 240
-        while thread.is_alive() and time.monotonic() < deadline and killed is None:
-            if th.checkpoint_steps(workdir / "cells" / GANG / "train")[-1:] >= [1]:
-                killed = cell_record(workdir, GANG)["worker"]["pid"]
-                os.kill(killed, signal.SIGKILL)
-            time.sleep(0.01)
-        thread.join(timeout=300)
-    assert "error" not in result, result.get("error")
+        summary, killed = run_killing(config_file, workdir, GANG, cells="1/2", cell_processes=2, retries=1)
     sweep.report(workdir)
-    return workdir, result["summary"], killed
+    return workdir, summary, killed
 
 
 def test_a_cell_of_two_processes_runs_like_one(gang_run, reference):
