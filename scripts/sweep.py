@@ -19,9 +19,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imitax import xla_backend
+from imitax import allocator, xla_backend
 
 xla_backend.define_flag()  # --xla_backend, applied as flags are parsed: before main() imports JAX
+allocator.keep_freed_memory()  # freed XLA temporaries stay for the next step (imitax/allocator.py)
 config_flags.DEFINE_config_file("config", None, "Sweep config file (configs/demo.py, configs/paper/...).")
 flags.DEFINE_string("workdir", None, "Where the cells, results and plots go (local path or gs://).", required=True)
 flags.DEFINE_bool("report_only", False, "Only redraw results/ (table, plots) from the finished cells.")

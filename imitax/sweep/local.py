@@ -298,7 +298,7 @@ def execute_in_worker(config, workdir: str, step: Step) -> dict[str, Any]:
     """
     from imitax import allocator, distributed
 
-    allocator.keep_freed_memory()  # as scripts/sweep.py does in its own process
+    allocator.keep_freed_memory()  # a Ray worker runs cells as scripts/sweep.py's process does
     workdir = epath.Path(workdir)
     if config.compilation_cache:
         distributed.use_compilation_cache(str(workdir / "jax_cache"))
