@@ -51,10 +51,11 @@ bfloat16, per layer).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,6 +68,10 @@ from imitax import models  # noqa: E402
 from imitax.models import layers  # noqa: E402
 
 GIB = 2**30
+
+_SEQS = flags.DEFINE_list("seqs", ["4096", "8192"], "Tokens per row, one table block each.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Rows per step.")
+_LAYERS = flags.DEFINE_integer("layers", 16, "Layers of the LLaMA-1B shape.")
 
 
 def llama1b(num_layers: int, attention_impl: str) -> models.TransformerConfig:
@@ -118,15 +123,13 @@ def variants():
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seqs", default="4096,8192", help="tokens per row, comma separated")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=16)
-    args = parser.parse_args()
-    seqs = [int(s) for s in args.seqs.split(",")]
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    seqs = [int(s) for s in _SEQS.value]
+    batch, num_layers = _BATCH.value, _LAYERS.value
 
-    print(f"JAX {jax.__version__} on {jax.default_backend()}; LLaMA-1B shape, {args.layers} layers, batch {args.batch}")
+    print(f"JAX {jax.__version__} on {jax.default_backend()}; LLaMA-1B shape, {num_layers} layers, batch {batch}")
     print(f"{'tokens':>6}  {'attention':<24} {'temp GiB':>9} {'args GiB':>9} {'out GiB':>8} {'compile s':>9}")
     for seq in seqs:
         for name, impl, stand_in, missing in variants():
@@ -137,7 +140,7 @@ def main() -> None:
             if stand_in:
                 layers._platform, layers._CUDNN_IMPLEMENTATION = (lambda p=stand_in: p), "xla"
             try:
-                mem, seconds = compiled_memory(llama1b(args.layers, impl), seq, args.batch)
+                mem, seconds = compiled_memory(llama1b(num_layers, impl), seq, batch)
             finally:
                 layers._platform, layers._CUDNN_IMPLEMENTATION = saved
             print(
@@ -148,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
