@@ -8,10 +8,10 @@ import pathlib
 
 import ml_collections
 import pytest
+import sweep_helpers
 import train_helpers as th
 
 from imitax import convert, models, sweep
-from imitax.demo import world
 from imitax.sweep import plan
 
 STUDENT, TEACHER = "m1", "t"
@@ -35,7 +35,7 @@ def _checkpoint(path: pathlib.Path, vocab: int, hidden: int, layers: int, tokeni
 def assets(tmp_path_factory):
     """A tiny world, a student, a teacher (larger) and a teacher of another vocabulary."""
     root = tmp_path_factory.mktemp("distill_assets")
-    vocab = world.build(world.tiny(), root / "world")["vocab_size"]
+    vocab = sweep_helpers.link_tiny_world(tmp_path_factory, root / "world")
     tokenizer = root / "world" / "tokenizer"
     _checkpoint(root / STUDENT, vocab, 32, 1, tokenizer)
     _checkpoint(root / TEACHER, vocab, 64, 2, tokenizer)
