@@ -36,7 +36,7 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
 
 
 class Proj(nnx.Module):
-    """A projection ``einsum(eq, x, kernel) + bias`` with logically named axes.
+    """A projection ``x . kernel + bias`` (the kernel's leading dims contracted) with logically named axes.
 
     Args:
       shape, axes: kernel shape and its logical names.
@@ -48,17 +48,23 @@ class Proj(nnx.Module):
         self, shape: Sequence[int], axes: Sequence[str], *, out_ndim: int, bias: bool, param_dtype, rngs: nnx.Rngs
     ):
         self.kernel = _param(rngs, tuple(shape), axes, param_dtype)
+        self.out_ndim = out_ndim
         self.bias = _param(rngs, tuple(shape[-out_ndim:]), axes[-out_ndim:], param_dtype, "zeros") if bias else None
         # Low-rank adapters, added by imitax.models.lora.add_adapters (None: a plain projection).
         self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)
         self.lora_scale = self.lora_dropout = 0.0
 
-    def __call__(self, eq: str, x: jax.Array, lora_rng_b: jax.Array | None = None) -> jax.Array:
-        """``eq`` contracts ``x``'s trailing input dims with the kernel's leading ones (as every caller does).
+    def __call__(self, x: jax.Array, lora_rng_b: jax.Array | None = None) -> jax.Array:
+        """Contracts ``x``'s trailing input dims with the kernel's leading ones, in order.
+
+        ``tensordot``, not ``einsum``: ``einsum`` lists two contracted axes (the output
+        projection's heads and head_dim) in the order its path search picks, head_dim first,
+        and XLA then transposes the whole ``[heads, head_dim, embed]`` kernel at every call
+        to match (a copy of the weight per layer and token when decoding).
 
         ``lora_rng_b``: one key per row for the adapters' input dropout (``None``: no dropout).
         """
-        y = jnp.einsum(eq, x, self.kernel[...].astype(x.dtype))
+        y = jnp.tensordot(x, self.kernel[...].astype(x.dtype), axes=self.kernel.ndim - self.out_ndim)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:
@@ -269,9 +275,9 @@ class Attention(nnx.Module):
         Returns:
           ``(out_bte, new_kv_cache)``.
         """
-        q_bthd = self.q_proj("bte,ehd->bthd", x_bte, fold_in(lora_rng_b, 0))
-        k_btkd = self.k_proj("bte,ekd->btkd", x_bte, fold_in(lora_rng_b, 1))
-        v_btkd = self.v_proj("bte,ekd->btkd", x_bte, fold_in(lora_rng_b, 2))
+        q_bthd = self.q_proj(x_bte, fold_in(lora_rng_b, 0))
+        k_btkd = self.k_proj(x_bte, fold_in(lora_rng_b, 1))
+        v_btkd = self.v_proj(x_bte, fold_in(lora_rng_b, 2))
         q_bthd = constrain(q_bthd, ("act_batch", "act_len", "act_heads", None))
         k_btkd = constrain(k_btkd, ("act_batch", "act_len", "act_kv_heads", None))
         v_btkd = constrain(v_btkd, ("act_batch", "act_len", "act_kv_heads", None))
@@ -291,7 +297,7 @@ class Attention(nnx.Module):
             out_bthd = cached_attention(
                 q_bthd, k_lbksd, v_lbksd, layer, mask_bts, scale, length, dropout_rate=dropout_rate, rng_b=rng_b
             )
-            return self.o_proj("bthd,hde->bte", out_bthd, o_rng_b), (k_lbksd, v_lbksd, layer)
+            return self.o_proj(out_bthd, o_rng_b), (k_lbksd, v_lbksd, layer)
         impl = resolve_attention_impl(
             self.attention_impl,
             dtype=q_bthd.dtype,
@@ -311,7 +317,7 @@ class Attention(nnx.Module):
             out_bthd = dot_product_attention(
                 q_bthd, k_btkd, v_btkd, mask_bts, scale, causal=causal, dropout_rate=dropout_rate, rng_b=rng_b
             )
-        return self.o_proj("bthd,hde->bte", out_bthd, o_rng_b), None
+        return self.o_proj(out_bthd, o_rng_b), None
 
 
 # Query rows per block of causal attention. The masked logits and the softmax are
@@ -627,11 +633,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x_bte, lora_rng_b=None):
         """``lora_rng_b``: row keys for the projections' LoRA dropout (``None``: none)."""
-        h_btm = self.up_proj("bte,em->btm", x_bte, fold_in(lora_rng_b, 0))
+        h_btm = self.up_proj(x_bte, fold_in(lora_rng_b, 0))
         if self.gate_proj is not None:
-            gate_btm = self.gate_proj("bte,em->btm", x_bte, fold_in(lora_rng_b, 1))
+            gate_btm = self.gate_proj(x_bte, fold_in(lora_rng_b, 1))
             h_btm = activation(self.activation, gate_btm) * h_btm
         else:
             h_btm = activation(self.activation, h_btm)
         h_btm = constrain(h_btm, ("act_batch", "act_len", "act_mlp"))
-        return self.down_proj("btm,me->bte", h_btm, fold_in(lora_rng_b, 2))
+        return self.down_proj(h_btm, fold_in(lora_rng_b, 2))
