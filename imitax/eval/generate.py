@@ -97,7 +97,7 @@ def _next_token(key, logits_bv, sampling, greedy: bool) -> jax.Array:
 def _prefill(graphdef, state, tokens_bt, positions_bt, segment_ids_bt, *, cache_len):
     """Runs the (left-padded) prompts into a fresh cache; returns the last slot's logits and the cache."""
     model = nnx.merge(graphdef, state)
-    cache = constrain_cache(model.init_cache(tokens_bt.shape[0], cache_len))
+    cache = constrain_cache(model.init_decoding_cache(tokens_bt.shape[0], cache_len))
     h_bte, cache = model.hidden(tokens_bt, positions_bt, segment_ids_bt, cache)
     # Only the last slot's logits are needed: never project the whole prompt onto the vocabulary.
     return model.logits(h_bte[:, -1:])[:, 0], constrain_cache(cache)
@@ -131,6 +131,7 @@ def _decode(
     """
     model = nnx.merge(graphdef, state)
     layer_params = model.decoding_layers()  # on the CPU: copied once here, not sliced out at every token
+    head = model.decoding_head()  # on the CPU: a tied embedding transposed once here
     first_b = _next_token(jax.random.fold_in(key, 0), logits_bv, sampling, greedy)
     batch = first_b.shape[0]
     ones_b1 = jnp.ones((batch, 1), jnp.int32)
@@ -145,7 +146,7 @@ def _decode(
     def body(carry):
         step, token_b, cache, positions_b, done_b, out_bn = carry
         logits_b1v, cache = model.extend(
-            token_b[:, None], cache, positions_b[:, None], ones_b1, layer_params=layer_params
+            token_b[:, None], cache, positions_b[:, None], ones_b1, layer_params=layer_params, head=head
         )
         token_b = _next_token(jax.random.fold_in(key, step), logits_b1v[:, 0], sampling, greedy)
         # Finished rows keep running (the batch moves together) but emit padding.

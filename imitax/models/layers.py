@@ -258,7 +258,9 @@ class Attention(nnx.Module):
           scale: the softmax scale (a traced scalar: GPT-2 scales per layer).
           kv_cache: ``(k_lbksd, v_lbksd, layer)``: every layer's cached keys and
             values (``[layers, batch, kv_heads, cache length, head_dim]``, as
-            the layer loop carries them) and this layer's index, or None.
+            the layer loop carries them) and this layer's index; or
+            ``(k_nsd, v_nsd, None)``: this layer's own keys and values, batch and
+            KV heads merged (a decoding cache, :meth:`Transformer.init_decoding_cache`); or None.
           cache_index: the cache slot of the first new token; the new keys and
             values are written there, and attention reads only the slots
             before ``cache_index + t`` (:func:`cached_attention`).
@@ -285,6 +287,16 @@ class Attention(nnx.Module):
         if self.inv_freq is not None:
             q_bthd = apply_rope(q_bthd, positions_bt, self.inv_freq)
             k_btkd = apply_rope(k_btkd, positions_bt, self.inv_freq)
+        if kv_cache is not None and kv_cache[2] is None:
+            k_nsd, v_nsd, _ = kv_cache  # this layer's own (a decoding cache), batch and KV heads merged
+            b, t, k, d = k_btkd.shape
+            at = (0, cache_index, 0)
+            k_nsd, v_nsd = (
+                jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).reshape(b * k, t, d).astype(c.dtype), at)
+                for c, x in ((k_nsd, k_btkd), (v_nsd, v_btkd))
+            )
+            out_bthd = _attend_merged(q_bthd, k_nsd, v_nsd, mask_bts, scale, dropout_rate, rng_b)
+            return self.o_proj(out_bthd, o_rng_b), (k_nsd, v_nsd, None)
         if kv_cache is not None:
             k_lbksd, v_lbksd, layer = kv_cache
             # Written in place into the stacked cache the layer loop carries: a
@@ -366,6 +378,27 @@ def _attend(q_bthd, k_bskd, v_bskd, mask_bts, scale, dropout_rate=0.0, rng_b=Non
     probs = dropout(probs, dropout_rate, rng_b)
     out_btkgd = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v_bskd)
     return out_btkgd.reshape(b, t, h, v_bskd.shape[-1])
+
+
+def _attend_merged(q_bthd, k_nsd, v_nsd, mask_bts, scale, dropout_rate=0.0, rng_b=None):
+    """Softmax attention to one layer's decoding cache, whose keys and values merge batch and KV heads.
+
+    The cache is ``[batch * kv_heads, slots, head_dim]`` (:meth:`Transformer.init_decoding_cache`),
+    read whole. With batch and heads apart, XLA's CPU backend drops a batch of one from the
+    dots' operands and fuses the cache's in-place update into that reshape, which copies every
+    layer's whole cache at every token; merged, the dots read the updated array where it lies.
+    """
+    b, t, h, d = q_bthd.shape
+    n, s = k_nsd.shape[:2]
+    k = n // b
+    g = h // k
+    q_ncd = q_bthd.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(n, g * t, d)
+    logits_ncs = jnp.einsum("ncd,nsd->ncs", q_ncd, k_nsd.astype(q_bthd.dtype), preferred_element_type=jnp.float32)
+    logits = logits_ncs.reshape(b, k, g, t, s) * scale
+    logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(logits, axis=-1).astype(q_bthd.dtype), dropout_rate, rng_b)
+    out_ncd = jnp.einsum("ncs,nsd->ncd", probs.reshape(n, g * t, s), v_nsd.astype(q_bthd.dtype))
+    return out_ncd.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 # -- attention implementations (training and scoring: no KV cache) ----------------
