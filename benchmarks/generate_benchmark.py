@@ -31,7 +31,18 @@ warm-up call that compiles imitax's two programs (compile time printed apart). T
 implementations run round-robin, medians reported; "vs torch" is the median over rounds
 of the paired ratio. tokens/s counts new tokens only (batch x new tokens). The two
 outputs are compared token for token: greedy decoding of the same weights should agree
-unless two logits are within float rounding of each other.
+unless two logits are within float rounding of each other. The "target" column holds the
+speed-ups asked of imitax (>= 1.3x at batch 1, >= 3x at batch 8).
+
+Then each batch's decode loop, captured from ``generate`` with its prefilled cache, runs
+once more under ``jax.profiler`` (:mod:`benchmarks.profiling`): each HLO op's own time,
+summed by kind of work (matmuls with the layers' weights, with the LM head, attention's
+dots, copies, everything else) and divided by the steps; the tracer adds a little time of
+its own to every op, so "ms/step" there runs above the untraced calls'. "weights GB/s" is
+the weights' bytes over the time of the matmuls that read them. For a target that is
+missed, a note gives what bounds it from the same run: how long the whole call may take,
+how long the decode loop and the rest took, and how fast the call would be if every step
+read its weights at the copy bandwidth measured in the same rounds.
 
 Section ``cache``: milliseconds per generated token against the cache length, batch 1,
 on a LLaMA-style model (RoPE, so lengths past GPT-2's 1,024 positions; GPT-2-124M
@@ -54,15 +65,20 @@ read once. The same run measures the memory bandwidth with a STREAM-style copy (
 the table gives the bandwidth that decoding achieves, (weight bytes + cache bytes at the
 mean filled length) / time per token, as a fraction of the copy's. "predicted" is the
 time at the first length plus the extra cache bytes at the copy's bandwidth: what the
-step should take if only attention's reads grew with the cache.
+step should take if only attention's reads grew with the cache. Targets: decoding at >= 80%
+of the copy bandwidth, and ms/token within 5% of "predicted" (the growth is attention's
+share). The decode loops of the first and last lengths are profiled as above, and a note
+says which kinds of work the step's growth went to.
 """
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,7 +94,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, profiling  # noqa: E402
 from imitax import models  # noqa: E402
 from imitax.convert import core  # noqa: E402
 from imitax.eval.generate import generate  # noqa: E402
@@ -99,7 +115,22 @@ _CACHE_STEPS = flags.DEFINE_integer("cache_steps", 32, "Decode steps timed per c
 _MODEL = flags.DEFINE_enum("model", "gpt2", ["gpt2", "llama1b"], "The torch section's model: GPT-2-124M or LLaMA-1B.")
 _DTYPE = common.define_dtype_flag()
 
-HEADERS = ["model", "impl", "batch", "prompt tokens", "new tokens", "tokens/s", "vs torch", "median s", "spread"]
+HEADERS = [
+    "model",
+    "impl",
+    "batch",
+    "prompt tokens",
+    "new tokens",
+    "tokens/s",
+    "vs torch",
+    "target",
+    "median s",
+    "spread",
+]
+# Speed-up over transformers' generate that each batch size should reach.
+TARGETS = {1: 1.3, 8: 3.0}
+BANDWIDTH_TARGET = 0.8  # of the measured copy bandwidth, decoding at batch 1
+GROWTH_SLACK = 0.05  # a length's ms/token "grows only by attention's share" within 5% of the prediction
 CACHE_HEADERS = [
     "cache length",
     "ms/token",
@@ -110,7 +141,26 @@ CACHE_HEADERS = [
     "GB/s",
     "of copy bw",
     "spread",
+    "target",
 ]
+PROFILE_HEADERS = [
+    "decode loop",
+    "ms/step",
+    "projections",
+    "LM head",
+    "attention",
+    "copies",
+    "other",
+    "weights GB/s",
+    "of copy bw",
+]
+# How the profile's kinds of work (benchmarks/profiling.py) group into the columns above.
+PROFILE_COLUMNS = {
+    "matmul: projections": "projections",
+    "matmul: LM head": "LM head",
+    "matmul: attention": "attention",
+    "copies, transposes, slices": "copies",
+}
 
 
 def hf_config(model: str, smoke: bool) -> transformers.PretrainedConfig:
@@ -174,8 +224,21 @@ def model_name(cfg: models.TransformerConfig) -> str:
     return f"{family}-{size}" + ("" if cfg.dtype == "float32" else f" {cfg.dtype}")
 
 
+def weight_bytes(cfg: models.TransformerConfig) -> float:
+    """Bytes of the weights a decode step multiplies by: every layer's projections and the LM head."""
+    return common.matmul_params(cfg) * np.dtype(cfg.param_dtype).itemsize
+
+
+def target_cell(batch: int, speedup: float) -> str:
+    target = TARGETS.get(batch)
+    return "-" if target is None else f">= {target}x: {'met' if speedup >= target else 'missed'}"
+
+
 def bench_batch(hf, model, batch: int, prompt_len: int, new_tokens: int, iters: int):
-    """Times one batch size; returns its table rows and notes."""
+    """Times one batch size and profiles its decode loop; returns its table rows, profile row and notes.
+
+    The copy-bandwidth probe runs in the same rounds, for the profile's "of copy bw".
+    """
     prompts = make_prompts(batch, prompt_len, model.cfg.vocab_size)
     fns = {
         "imitax": lambda: generate(model, prompts, max_new_tokens=new_tokens),
@@ -191,9 +254,13 @@ def bench_batch(hf, model, batch: int, prompt_len: int, new_tokens: int, iters: 
         f"batch {batch}: greedy tokens equal to transformers' {same}/{batch * new_tokens} "
         f"({rows_equal}/{batch} rows identical)"
     )
-    timings = common.time_interleaved(fns, warmup=0, iters=iters)
+    probes, moved = common.copy_probes()
+    timings = common.time_interleaved(fns | probes, warmup=0, iters=iters)
+    bandwidth = moved / timings["copy xla"].median
+    speedup = common.paired_speedup(timings["imitax"], timings["torch"])
     rows = []
-    for name, timing in timings.items():
+    for name in fns:
+        timing = timings[name]
         rows.append(
             [
                 model_name(model.cfg),
@@ -203,11 +270,37 @@ def bench_batch(hf, model, batch: int, prompt_len: int, new_tokens: int, iters: 
                 f"{batch * new_tokens}",
                 f"{batch * new_tokens / timing.median:.0f}",
                 f"{common.paired_speedup(timing, timings['torch']):.2f}x",
+                target_cell(batch, speedup) if name == "imitax" else "-",
                 f"{timing.median:.2f}",
                 f"{timing.spread:.0%}",
             ]
         )
-    return rows, notes
+    steps = new_tokens - 1  # the first new token comes from the prompt's pass
+    decode, bound = capture_decode(model, prompts, steps)
+    weights = weight_bytes(model.cfg)
+    profile_row, ms = profile_decode(decode, bound, steps, model.cfg.vocab_size, weights, bandwidth)
+    notes.append(f"batch {batch}: copy bandwidth in the same rounds {bandwidth / 1e9:.1f} GB/s (XLA, read + write)")
+    if batch in TARGETS and speedup < TARGETS[batch]:
+        notes.append(bound_note(batch, speedup, timings, ms, steps, weights, bandwidth))
+    return rows, [f"batch {batch}", *profile_row], notes
+
+
+def bound_note(batch: int, speedup: float, timings, ms: dict, steps: int, weights: float, bandwidth: float) -> str:
+    """What keeps a batch size from its target, from the same run's figures."""
+    need = timings["torch"].median / TARGETS[batch]
+    ours = timings["imitax"].median
+    loop = ms["step"] * steps / 1e3
+    rest = max(ours - loop, 0.0)
+    floor_ms = weights / bandwidth * 1e3  # the weights read once at the copy bandwidth
+    best = rest + floor_ms * steps / 1e3
+    return (
+        f"batch {batch}: target missed ({speedup:.2f}x against {TARGETS[batch]}x): it needs a whole call within "
+        f"{need:.2f} s; imitax took {ours:.2f} s, of which the traced decode loop {loop:.2f} s ({ms['step']:.1f} ms a "
+        f"step over {steps} steps) and the rest (the prompt's pass, padding, transfers) {rest:.2f} s. Of a step, the "
+        f"matmuls with weights took {ms['projections'] + ms['LM head']:.1f} ms; reading the {weights / 1e6:.0f} MB of "
+        f"weights once at the copy bandwidth takes {floor_ms:.1f} ms, so even decode steps at that floor would make "
+        f"the call {best:.2f} s, {timings['torch'].median / best:.2f}x"
+    )
 
 
 # -- decode time vs cache length -------------------------------------------------------------
@@ -222,8 +315,8 @@ def llama_config(smoke: bool) -> models.TransformerConfig:
     return models.preset("llama2-7b", max_position_embeddings=4096, **widths)
 
 
-def capture_decode(model, prompt: list[int], steps: int):
-    """``generate``'s compiled decode loop for ``prompt`` (batch 1) and its bound arguments, cache prefilled."""
+def capture_decode(model, prompts: list[list[int]], steps: int):
+    """``generate``'s compiled decode loop for ``prompts`` and its bound arguments, cache prefilled."""
     decode, captured = generate_module._decode, {}
 
     def spy(*args, **kwargs):
@@ -233,30 +326,61 @@ def capture_decode(model, prompt: list[int], steps: int):
 
     generate_module._decode = spy
     try:
-        generate(model, [prompt], max_new_tokens=steps + 1)
+        generate(model, prompts, max_new_tokens=steps + 1)
     finally:
         generate_module._decode = decode
     return decode, captured["bound"]
 
 
-def decode_step_timers(model, length: int, steps: int) -> dict[str, Callable[[], Any]]:
-    """Two timers of ``generate``'s decode loop with ``length`` slots prefilled, batch 1: 1 and ``steps + 1`` tokens."""
+def decode_call(decode, bound, max_new_tokens: int) -> Callable[[], Any]:
+    """A call of the captured decode loop for ``max_new_tokens`` tokens, on a fresh copy of its cache."""
+
+    def run():
+        args = bound.arguments | {"cache": jax.tree.map(jnp.copy, bound.arguments["cache"])}
+        args["max_new_tokens"] = np.int32(max_new_tokens)
+        return decode(**args)[0]  # the tokens: an array, which the timer waits for
+
+    return run
+
+
+def profile_decode(decode, bound, steps: int, vocab_size: int, weight_bytes: float, bandwidth: float) -> list:
+    """One traced call of the captured decode loop: its table row (ms a step by kind of work) and its figures.
+
+    Each HLO op is charged its own time (:mod:`benchmarks.profiling`); the loop's copy of the
+    cache made before the call is not traced. Returns ``(row, {column: ms a step})``.
+    """
+    ops = profiling.parse_hlo(decode.lower(**bound.arguments).compile().as_text(), vocab_size)
+    run = decode_call(decode, bound, steps + 1)
+    common.block(run())  # compiled, caches warm
+    with tempfile.TemporaryDirectory() as logdir:
+        times, wall = profiling.traced_op_times(run, logdir)
+    ms = collections.defaultdict(float)
+    for name, (_, seconds) in times.items():
+        category = ops[name].category if name in ops else ""
+        ms[PROFILE_COLUMNS.get(category, "other")] += seconds * 1e3 / steps
+    ms["step"] = wall * 1e3 / steps
+    matmul_ms = ms["projections"] + ms["LM head"]
+    gbps = weight_bytes / matmul_ms / 1e6
+    row = [f"{ms['step']:.1f}"] + [f"{ms[c]:.1f}" for c in ("projections", "LM head", "attention", "copies", "other")]
+    return row + [f"{gbps:.1f}", f"{gbps * 1e9 / bandwidth:.0%}"], dict(ms)
+
+
+def decode_step_timers(model, length: int, steps: int):
+    """Two timers of ``generate``'s decode loop with ``length`` slots prefilled, batch 1: 1 and ``steps + 1`` tokens.
+
+    Also returns the captured loop and its arguments, for :func:`profile_decode`.
+    """
     prompt = np.random.RandomState(length).randint(0, model.cfg.vocab_size, length).tolist()
-    decode, bound = capture_decode(model, prompt, steps)
-
-    def call(max_new_tokens: int):
-        def run():
-            args = bound.arguments | {"cache": jax.tree.map(jnp.copy, bound.arguments["cache"])}
-            args["max_new_tokens"] = np.int32(max_new_tokens)
-            return decode(**args)[0]  # the tokens: an array, which the timer waits for
-
-        return run
-
-    return {f"{length} first": call(1), f"{length} steps": call(steps + 1)}
+    decode, bound = capture_decode(model, [prompt], steps)
+    timers = {
+        f"{length} first": decode_call(decode, bound, 1),
+        f"{length} steps": decode_call(decode, bound, steps + 1),
+    }
+    return timers, (decode, bound)
 
 
 def bench_cache_lengths(lengths: list[int], steps: int, iters: int, smoke: bool):
-    """The cache table's rows and its notes (the bandwidth probe, the bytes counted).
+    """The cache table's rows, the profile rows of its first and last lengths, and its notes.
 
     Every length's two timers and the bandwidth probes run round-robin in one
     :func:`common.time_interleaved`, so a change of load between lengths lands
@@ -265,13 +389,15 @@ def bench_cache_lengths(lengths: list[int], steps: int, iters: int, smoke: bool)
     cfg = llama_config(smoke)
     model = models.init_model(cfg)
     fns, moved = common.copy_probes()
+    captured = {}
     for length in lengths:
-        fns |= decode_step_timers(model, length, steps)
+        timers, captured[length] = decode_step_timers(model, length, steps)
+        fns |= timers
     timings = common.time_interleaved(fns, warmup=1, iters=iters)
     bandwidth = {name: moved / timings[name].median for name in ("copy xla", "copy numpy")}
     bw = bandwidth["copy xla"]
     itemsize = np.dtype(cfg.dtype).itemsize
-    weight_bytes = common.matmul_params(cfg) * np.dtype(cfg.param_dtype).itemsize
+    weights = weight_bytes(cfg)
     rows, first = [], None
     for length in lengths:
         firsts, full = timings[f"{length} first"].samples, timings[f"{length} steps"].samples
@@ -280,29 +406,45 @@ def bench_cache_lengths(lengths: list[int], steps: int, iters: int, smoke: bool)
         # Keys and values of every layer, at the mean filled length of the timed steps.
         cache_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * (length + steps / 2)
         first = first or (seconds, cache_bytes)
-        achieved = (weight_bytes + cache_bytes) / seconds
+        predicted = first[0] + (cache_bytes - first[1]) / bw
+        achieved = (weights + cache_bytes) / seconds
+        target = f"bw {'met' if achieved >= BANDWIDTH_TARGET * bw else 'missed'}"
+        if length != lengths[0]:
+            target += f", growth {'met' if seconds <= predicted * (1 + GROWTH_SLACK) else 'missed'}"
         rows.append(
             [
                 length,
                 f"{seconds * 1e3:.2f}",
-                f"{(first[0] + (cache_bytes - first[1]) / bw) * 1e3:.2f}",
+                f"{predicted * 1e3:.2f}",
                 f"{seconds / first[0]:.2f}x",
-                f"{weight_bytes / 1e6:.0f}",
+                f"{weights / 1e6:.0f}",
                 f"{cache_bytes / 1e6:.1f}",
                 f"{achieved / 1e9:.1f}",
                 f"{achieved / bw:.0%}",
                 f"{(max(per_step) - min(per_step)) / seconds:.0%}",
+                target,
             ]
         )
+    profiles = {}
+    for length in (lengths[0], lengths[-1]):
+        row, profiles[length] = profile_decode(*captured[length], steps, cfg.vocab_size, weights, bw)
+        rows_profile = profiles.setdefault("rows", [])
+        rows_profile.append([f"batch 1, {length} slots", *row])
     name = "llama-style tiny" if smoke else "llama-style 124M-wide"
+    grown = {c: profiles[lengths[-1]][c] - profiles[lengths[0]][c] for c in profiles[lengths[0]]}
     notes = [
         f"{name}: {cfg.num_params() / 1e6:.0f}M parameters, {cfg.num_layers} layers, {cfg.num_kv_heads} KV heads "
         f"x {cfg.head_dim}, {cfg.dtype}; weights read per token: all projections and the LM head",
         f"copy bandwidth (STREAM copy, 256 MiB, read + write, timed in the same rounds): "
         f"XLA {bandwidth['copy xla'] / 1e9:.1f} GB/s, NumPy {bandwidth['copy numpy'] / 1e9:.1f} GB/s; "
         "'of copy bw' and 'predicted' use XLA's",
+        f"targets: >= {BANDWIDTH_TARGET:.0%} of the copy bandwidth; 'growth' met when ms/token is within "
+        f"{GROWTH_SLACK:.0%} of 'predicted'",
+        f"traced, {lengths[0]} -> {lengths[-1]} slots: a step grew {grown['step']:+.1f} ms; attention's dots "
+        f"{grown['attention']:+.1f}, copies {grown['copies']:+.1f}, other ops (softmax, masks, the cache's update) "
+        f"{grown['other']:+.1f}, matmuls with weights {grown['projections'] + grown['LM head']:+.1f} ms",
     ]
-    return rows, notes
+    return rows, profiles["rows"], notes
 
 
 def main(argv):
@@ -315,20 +457,25 @@ def main(argv):
     summary = []
     if "torch" in _SECTIONS.value:
         hf, model = build_models(_MODEL.value, smoke, _DTYPE.value)
-        rows, notes = [], []
+        rows, profile_rows, notes = [], [], []
         for batch in map(int, _BATCHES.value):
-            batch_rows, batch_notes = bench_batch(hf, model, batch, prompt_len, new_tokens, iters)
+            batch_rows, profile_row, batch_notes = bench_batch(hf, model, batch, prompt_len, new_tokens, iters)
             print(common.format_table(HEADERS, batch_rows), flush=True)
             rows += batch_rows
+            profile_rows.append(profile_row)
             notes += batch_notes
         summary += [f"\ngreedy generation, {_DTYPE.value}, whole calls, medians of {iters} rounds after 1 warm-up:"]
-        summary += [common.format_table(HEADERS, rows), "", *notes]
+        summary += [common.format_table(HEADERS, rows)]
+        summary += ["\nimitax's decode loops of those calls, one traced call each, ms a step by kind of work:"]
+        summary += [common.format_table(PROFILE_HEADERS, profile_rows), "", *notes]
     if "cache" in _SECTIONS.value:
         lengths = [64, 128] if smoke else [int(n) for n in _CACHE_LENGTHS.value]
         steps = 4 if smoke else _CACHE_STEPS.value
-        rows, notes = bench_cache_lengths(lengths, steps, iters, smoke)
+        rows, profile_rows, notes = bench_cache_lengths(lengths, steps, iters, smoke)
         summary += [f"\ndecode time per token vs cache length, batch 1, {steps} steps, medians of {iters} rounds:"]
-        summary += [common.format_table(CACHE_HEADERS, rows), "", *notes]
+        summary += [common.format_table(CACHE_HEADERS, rows)]
+        summary += ["\nthe decode loops of the first and last lengths, one traced call each, ms a step:"]
+        summary += [common.format_table(PROFILE_HEADERS, profile_rows), "", *notes]
     print("\n".join([*summary, "", common.environment()]))
 
 
