@@ -78,25 +78,32 @@ def fresh_programs():
     jax.clear_caches()
 
 
-def stacked_greedy(model, prompt: list[int], max_new_tokens: int, cache_len: int) -> list[int]:
-    """Greedy decoding of one prompt through ``Transformer.extend`` on the stacked cache (``init_cache``).
+def stacked_greedy(model, prompts: list[list[int]], max_new_tokens: int, cache_len: int) -> list[list[int]]:
+    """Greedy decoding of left-padded prompts through ``Transformer.extend`` on the stacked cache (``init_cache``).
 
     ``generate`` on one CPU device carries a per-layer decoding cache instead; the stacked one,
     and its blocked reads, serve scoring and the serving engine.
     """
     graphdef, state = nnx.split(model)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = int(lengths.max())
+    tokens, positions, segments = (np.zeros((len(prompts), width), np.int32) for _ in range(3))
+    for i, prompt in enumerate(prompts):
+        tokens[i, width - len(prompt) :] = prompt
+        positions[i, width - len(prompt) :] = np.arange(len(prompt))
+        segments[i, width - len(prompt) :] = 1
 
     @jax.jit
-    def extend(state, tokens_bt, cache):
-        logits_btv, cache = nnx.merge(graphdef, state).extend(tokens_bt, cache)
+    def extend(state, tokens_bt, positions_bt, segment_ids_bt, cache):
+        logits_btv, cache = nnx.merge(graphdef, state).extend(tokens_bt, cache, positions_bt, segment_ids_bt)
         return jnp.argmax(logits_btv[:, -1], axis=-1).astype(jnp.int32), cache
 
-    token_b, cache = extend(state, jnp.asarray([prompt], jnp.int32), model.init_cache(1, cache_len))
-    out = [int(token_b[0])]
-    for _ in range(max_new_tokens - 1):
-        token_b, cache = extend(state, token_b[:, None], cache)
-        out.append(int(token_b[0]))
-    return out
+    token_b, cache = extend(state, tokens, positions, segments, model.init_cache(len(prompts), cache_len))
+    out = [token_b]
+    for step in range(1, max_new_tokens):
+        token_b, cache = extend(state, token_b[:, None], (lengths + step - 1)[:, None], segments[:, -1:], cache)
+        out.append(token_b)
+    return np.stack(out, axis=1).tolist()
 
 
 # A cache of 80 slots: blocks of 16 divide it; with blocks of 28 the last block
@@ -111,8 +118,7 @@ def test_blocked_cache_reads_match_transformers(kind, block, monkeypatch, fresh_
     reads = []
     attend = layers.cached_attention
     monkeypatch.setattr(layers, "cached_attention", lambda *a, **k: reads.append(a[1].shape[3]) or attend(*a, **k))
-    for prompt in prompts:
-        assert stacked_greedy(model, prompt, NEW_TOKENS, cache_len=80) == hf_greedy(torch_model, [prompt])[0]
+    assert stacked_greedy(model, prompts, NEW_TOKENS, cache_len=80) == hf_greedy(torch_model, prompts)
     assert reads and all(s == 80 > block for s in reads), "the blocked path did not run"
 
 
