@@ -263,7 +263,8 @@ class Attention(nnx.Module):
             KV heads merged (a decoding cache, :meth:`Transformer.init_decoding_cache`); or None.
           cache_index: the cache slot of the first new token; the new keys and
             values are written there, and attention reads only the slots
-            before ``cache_index + t`` (:func:`cached_attention`).
+            before ``cache_index + t`` (:func:`cached_attention`; a decoding
+            cache's arrays are read whole, ``mask_bts`` hiding the later slots).
           causal: without a cache, the caller promises that ``mask_bts`` never lets
             token i see a token after it; this lets attention skip those logits.
           dropout_rate, rng_b: dropout on the attention probabilities (as

@@ -212,14 +212,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
-        dtype = dtype or cfg.dtype
-        return {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
-            "positions": jnp.zeros((batch_size, max_length), jnp.int32),
-            "index": jnp.zeros((), jnp.int32),
-        }
+        return _empty_cache(lambda: jnp.zeros(shape, dtype or cfg.dtype), batch_size, max_length)
 
     def init_decoding_cache(self, batch_size: int, max_length: int, dtype=None) -> Cache:
         """The empty KV cache a decoding loop carries: on one CPU device, one key and one value array per layer.
@@ -233,14 +226,12 @@ class Transformer(nnx.Module):
         reason :func:`layers._attend_merged` gives. Elsewhere (an accelerator, a mesh of several
         devices) the stacked cache, as it is.
         """
-        cache = self.init_cache(batch_size, max_length, dtype)
         if jax.default_backend() != "cpu" or jax.sharding.get_abstract_mesh().size > 1:
-            return cache
+            return self.init_cache(batch_size, max_length, dtype)
         cfg = self.cfg
         shape = (batch_size * cfg.num_kv_heads, max_length, cfg.head_dim)
-        dtype = dtype or cfg.dtype
-        cache["k"], cache["v"] = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in "kv")
-        return cache
+        per_layer = lambda: tuple(jnp.zeros(shape, dtype or cfg.dtype) for _ in range(cfg.num_layers))
+        return _empty_cache(per_layer, batch_size, max_length)
 
     def output_weight(self) -> tuple[jax.Array, str]:
         """The output projection and its einsum string: ``(embed [v, e], 've')`` if tied, else ``(lm_head, 'ev')``."""
@@ -387,6 +378,17 @@ class Transformer(nnx.Module):
                 "index": start + t,
             }
         return h_bte, cache
+
+
+def _empty_cache(new_kv, batch_size: int, max_length: int) -> Cache:
+    """A KV cache of fresh keys and values (``new_kv()``, called for each) and empty slot records."""
+    return {
+        "k": new_kv(),
+        "v": new_kv(),
+        "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+        "positions": jnp.zeros((batch_size, max_length), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
 
 
 def project(h_bte: jax.Array, w: jax.Array, w_axes: str) -> jax.Array:
